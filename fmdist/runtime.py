@@ -1,0 +1,34 @@
+"""Process-level set-up shared by the driver and the workers: accelerator choice and logging."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def use_cpu_accelerator_if_no_gpu() -> None:
+    """Point DeepSpeed at its CPU accelerator (gloo) when this process sees no GPU.
+
+    DeepSpeed picks its accelerator once, at first use, from DS_ACCELERATOR; without a GPU its CUDA
+    default fails at `deepspeed.initialize`, so this must run before deepspeed is first used.
+    """
+    if not cuda_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def get_logger(name: str, rank: int = 0) -> logging.Logger:
+    """Rank 0 logs at INFO; other ranks only speak when something is wrong (WARNING)."""
+    logger = logging.getLogger(name)
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    return logger

@@ -1,0 +1,1 @@
+"""One module per fine-tuning task: model builder, batch -> tensors, metrics."""

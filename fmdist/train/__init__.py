@@ -1,0 +1,1 @@
+"""Training: DeepSpeed config, the loop, checkpoints, the Ray Train launcher, export."""

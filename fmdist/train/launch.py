@@ -1,0 +1,246 @@
+"""Config -> Ray Train TorchTrainer: start or join Ray, wire datasets and checkpoints, run `loop.fit`."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from typing import Any
+
+import pyarrow.fs as pafs
+import yaml
+
+from fmdist.config import Config, from_dict
+from fmdist.data.sources import check_columns, count_rows, read_dataset, resolve
+from fmdist.runtime import get_logger
+from fmdist.train.loop import FAIL_AT_STEP_ENV
+
+log = get_logger("fmdist")
+
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
+SHUFFLE_BUFFER_ROWS = 1024
+
+
+def run_dir_uri(cfg: Config) -> str:
+    return f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
+
+
+def _fs(uri: str) -> tuple[pafs.FileSystem, str]:
+    return pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), os.path.abspath(uri))
+
+
+def write_run_file(cfg: Config, name: str, text: str) -> str:
+    """Write a small file into the run directory (local or s3://); returns its URI."""
+    fs, path = _fs(run_dir_uri(cfg))
+    fs.create_dir(path, recursive=True)
+    with fs.open_output_stream(f"{path}/{name}") as f:
+        f.write(text.encode())
+    return f"{run_dir_uri(cfg)}/{name}"
+
+
+def check_resumable(cfg: Config) -> bool:
+    """True when the run directory already has checkpoints (the launch resumes).
+
+    Ray Train resumes from its snapshot file; checkpoints without one would make it start again from
+    step 0, silently. That is refused here with the fix instead.
+    """
+    fs, path = _fs(run_dir_uri(cfg))
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    checkpoints = [i.base_name for i in infos if i.base_name.startswith("checkpoint_")]
+    has_snapshot = any(i.base_name == SNAPSHOT_FILE for i in infos)
+    if checkpoints and not has_snapshot:
+        raise RuntimeError(
+            f"run directory {run_dir_uri(cfg)} has checkpoints ({', '.join(sorted(checkpoints))}) but no {SNAPSHOT_FILE}, "
+            "so it cannot be resumed safely. Restore that file, or choose a new run.name to start afresh."
+        )
+    return has_snapshot
+
+
+def ensure_ray(cfg: Config) -> float:
+    """Join the cluster (RAY_ADDRESS or inside `ray job submit`) or start a local Ray in-process.
+
+    Returns the seconds spent starting Ray.
+    """
+    import ray
+
+    t0 = time.perf_counter()
+    if ray.is_initialized():
+        return 0.0
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        # A local Ray gets one logical CPU more than the workers reserve: Ray Data's read and
+        # split tasks need CPU too, and with every CPU reserved by train workers the stream stalls.
+        reserved = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+        num_cpus = max(os.cpu_count() or 1, int(reserved) + 1)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    return time.perf_counter() - t0
+
+
+def resolve_use_gpu(cfg: Config) -> bool:
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if cfg.scaling.use_gpu == "auto":
+        return gpus > 0
+    if cfg.scaling.use_gpu and gpus == 0:
+        raise RuntimeError(
+            "scaling.use_gpu is true but the Ray cluster has no GPUs; set scaling.use_gpu=auto or false."
+        )
+    return bool(cfg.scaling.use_gpu)
+
+
+def _data_config() -> Any:
+    from ray.data import ExecutionOptions
+    from ray.train import DataConfig
+
+    class SplitWithoutDropping(DataConfig):
+        """Ray Train's default split uses equal=True, which drops rows to even out the shards.
+
+        fmdist splits with equal=False (every row is used) and keeps ranks in lockstep in the loop
+        instead (see loop._joined). preserve_order makes the split, and so the rows each rank sees,
+        identical from run to run: needed for exact resume and for same-seed reproducibility.
+        """
+
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            output = [{} for _ in range(world_size)]
+            for name, ds in datasets.items():
+                ds = ds.copy(ds)
+                ds.context.execution_options = ExecutionOptions(preserve_order=True)
+                for i, split in enumerate(ds.streaming_split(world_size, equal=False)):
+                    output[i][name] = split
+            return output
+
+    return SplitWithoutDropping()
+
+
+def _train_fn_per_worker(loop_config: dict[str, Any]) -> None:
+    """What every Ray Train worker runs: rebuild the config, wire Ray's data and reporting to `fit`."""
+    from fmdist.runtime import use_cpu_accelerator_if_no_gpu
+
+    use_cpu_accelerator_if_no_gpu()
+    import ray.train
+
+    from fmdist.train.loop import LoopIO, fit
+
+    cfg = from_dict(loop_config["config"])
+    rank = ray.train.get_context().get_world_rank()
+    train_shard = ray.train.get_dataset_shard("train")
+    eval_shard = ray.train.get_dataset_shard("eval") if loop_config["has_eval"] else None
+
+    def train_batches(epoch: int):
+        shuffle = cfg.train.shuffle
+        return train_shard.iter_batches(
+            batch_size=cfg.train.micro_batch_size,
+            batch_format="numpy",
+            local_shuffle_buffer_size=SHUFFLE_BUFFER_ROWS if shuffle else None,
+            local_shuffle_seed=cfg.train.seed * 100_003 + epoch * 1009 + rank if shuffle else None,
+        )
+
+    def eval_batches():
+        return eval_shard.iter_batches(batch_size=cfg.train.micro_batch_size, batch_format="numpy")
+
+    def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(
+            metrics,
+            checkpoint=checkpoint,
+            checkpoint_dir_name=f"checkpoint_step_{metrics['step']:08d}" if checkpoint else None,
+            delete_local_checkpoint_after_upload=checkpoint is not None,
+        )
+
+    scratch = tempfile.mkdtemp(prefix="fmdist-ckpt-")
+    checkpoint = ray.train.get_checkpoint()
+    io = LoopIO(
+        train_batches=train_batches,
+        num_train_rows=loop_config["num_train_rows"],
+        report=report,
+        scratch_dir=scratch,
+        eval_batches=eval_batches if eval_shard is not None else None,
+        launch_time=loop_config["launch_time"],
+        timings=loop_config["timings"],
+    )
+    if checkpoint is None:
+        fit(cfg, io)
+    else:
+        with checkpoint.as_directory() as restore_dir:
+            io.restore_dir = restore_dir
+            fit(cfg, io)
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """Run (or resume) a training run on Ray; returns the summary (metrics, throughput, timings)."""
+    launch_time = time.time()
+    ray_start_s = ensure_ray(cfg)
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    # fmdist prints its own progress; Ray Data's per-operator bars would interleave with it.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    resuming = check_resumable(cfg)
+    use_gpu = resolve_use_gpu(cfg)
+    datasets = {}
+    num_rows = {}
+    for split, uri in (("train", cfg.data.train), ("eval", cfg.data.eval)):
+        if uri is None:
+            continue
+        source = resolve(uri, f"data.{split}")
+        ds = read_dataset(source)
+        check_columns(ds, [cfg.data.text_column, cfg.data.label_column], f"data.{split}", uri)
+        num_rows[split] = count_rows(source)
+        if split == "train" and cfg.train.shuffle:
+            ds = ds.randomize_block_order(seed=cfg.train.seed)
+        # Blocks of one micro-batch: the splitter hands out whole blocks, so a file-sized block would
+        # go to one rank. With micro-batch blocks, ranks differ by at most one micro-batch, and N
+        # workers see the same step composition as one worker accumulating N micro-batches.
+        ds = ds.repartition(target_num_rows_per_block=cfg.train.micro_batch_size)
+        if num_rows[split] == 0:
+            raise ValueError(f"data.{split}: {uri!r} has no rows; point it at a non-empty data set.")
+        datasets[split] = ds
+    log.info(
+        "%s run %s: %d training rows%s; %d workers (%s), ZeRO-%d",
+        "resuming" if resuming else "starting", run_dir_uri(cfg), num_rows["train"],
+        f", {num_rows['eval']} eval rows" if "eval" in num_rows else "", cfg.scaling.num_workers,
+        "GPU" if use_gpu else "CPU", cfg.deepspeed.zero_stage,
+    )  # fmt: skip
+
+    write_run_file(cfg, "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    env_vars = {} if use_gpu else {"DS_ACCELERATOR": "cpu"}
+    if FAIL_AT_STEP_ENV in os.environ:
+        env_vars[FAIL_AT_STEP_ENV] = os.environ[FAIL_AT_STEP_ENV]
+    trainer = TorchTrainer(
+        _train_fn_per_worker,
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "num_train_rows": num_rows["train"],
+            "has_eval": "eval" in datasets,
+            "launch_time": launch_time,
+            "timings": {"ray_start_s": ray_start_s},
+        },
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}
+            | ({"GPU": cfg.scaling.gpus_per_worker} if use_gpu else {}),
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name,
+            storage_path=cfg.run.storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+            worker_runtime_env={"env_vars": env_vars},
+        ),
+        datasets=datasets,
+        dataset_config=_data_config(),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    summary = dict(result.metrics or {})
+    summary["checkpoint"] = result.checkpoint.path if result.checkpoint else None
+    summary["run_dir"] = run_dir_uri(cfg)
+    write_run_file(cfg, "metrics.json", json.dumps(summary, indent=2, default=str))
+    return summary

