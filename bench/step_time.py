@@ -32,7 +32,9 @@ def batches(data: str, tokenizer, micro: int, count: int, offset: int, stride: i
     out = []
     for i in range(count):
         start = ((offset + i * stride) * micro) % (len(texts) - micro)
-        enc = tokenizer(texts[start : start + micro], truncation=True, max_length=128, padding="longest", return_tensors="pt")
+        enc = tokenizer(
+            texts[start : start + micro], truncation=True, max_length=128, padding="longest", return_tensors="pt"
+        )
         out.append({**enc, "labels": torch.tensor(labels[start : start + micro])})
     return out
 
@@ -52,11 +54,19 @@ def bare_deepspeed_rank(rank: int, world: int, args: argparse.Namespace, port: i
     from fmdist.config import from_dict
     from fmdist.train.ds_config import build_ds_config
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(args.threads_per_worker)  # as Ray does for a 1-CPU worker (OMP_NUM_THREADS)
     deepspeed.init_distributed(dist_backend="gloo")
     model, tokenizer = _model_and_tokenizer()
-    cfg = from_dict({"data": {"train": args.data}, "train": {"micro_batch_size": args.micro}, "deepspeed": {"zero_stage": args.zero_stage}})
+    cfg = from_dict(
+        {
+            "data": {"train": args.data},
+            "train": {"micro_batch_size": args.micro},
+            "deepspeed": {"zero_stage": args.zero_stage},
+        }
+    )
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=5e-5), config=build_ds_config(cfg, world, False)
     )
@@ -132,7 +142,9 @@ def main() -> None:
     pt = bare_pytorch(args)
     fm_rate = fm["train/steady_samples_per_s"]
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, CPU")
-    print(f"model all-MiniLM-L6-v2, ZeRO-{args.zero_stage}, {args.workers} workers x micro {args.micro}, {args.steps} steps\n")
+    print(
+        f"model all-MiniLM-L6-v2, ZeRO-{args.zero_stage}, {args.workers} workers x micro {args.micro}, {args.steps} steps\n"
+    )
     print(f"{'loop':<34}{'samples/s':>10}{'fmdist / this':>15}")
     print(f"{'fmdist (Ray Train + Ray Data)':<34}{fm_rate:>10.1f}{1.0:>15.2f}")
     print(f"{'bare deepspeed.initialize':<34}{ds:>10.1f}{fm_rate / ds:>15.2f}")

@@ -174,6 +174,12 @@ def _coerce(value: Any, hint: Any, where: str, problems: list[str]) -> Any:
     base = origin or hint
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if base is float and isinstance(value, str):
+        # YAML 1.1 reads `3e-5` (no dot) as a string; accept what Python reads as a number.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if base is int and isinstance(value, bool):
         problems.append(f"{where}: expected an integer, got {value!r}.")
         return value
@@ -216,7 +222,7 @@ def _validate(cfg: Config, problems: list[str]) -> None:
     one_of("model.task", m.task, TASKS)
     if isinstance(m.num_labels, int) and m.num_labels < 2:
         problems.append(f"model.num_labels: must be at least 2 for classification, got {m.num_labels!r}.")
-    if m.label_names is not None and len(m.label_names) != m.num_labels:
+    if isinstance(m.label_names, list) and len(m.label_names) != m.num_labels:
         problems.append(
             f"model.label_names: has {len(m.label_names)} names but model.num_labels is {m.num_labels}; "
             "give one name per label."
@@ -301,8 +307,12 @@ def from_dict(raw: dict[str, Any], source: str | None = None) -> Config:
             continue
         sections[key] = _build_section(SECTIONS[key], value, key, problems)
     cfg = Config(**sections)
-    if not problems:
+    # Range and cross-field rules run even after type errors, so that one pass reports everything;
+    # a rule that meets a mistyped value skips it (the type error is already reported).
+    try:
         _validate(cfg, problems)
+    except TypeError:
+        pass
     if problems:
         raise ConfigError(problems, source)
     return cfg

@@ -55,9 +55,9 @@ def write_shards(directory: Path, rows: dict[str, list], rows_per_shard: int) ->
 
 @pytest.fixture(scope="session")
 def sentiment_data(tmp_path_factory) -> dict[str, str]:
-    """320 training rows in 5 shards of 64 and 64 eval rows: multiples of the micro-batch (8)."""
+    """640 training rows in 10 shards of 64 and 64 eval rows: multiples of the micro-batch (8)."""
     root = tmp_path_factory.mktemp("sentiment")
-    train = write_shards(root / "train", sentiment_rows(320, seed=1), rows_per_shard=64)
+    train = write_shards(root / "train", sentiment_rows(640, seed=1), rows_per_shard=64)
     eval_ = write_shards(root / "eval", sentiment_rows(64, seed=2), rows_per_shard=64)
     return {"train": str(train), "eval": str(eval_)}
 
@@ -67,7 +67,7 @@ def ray_cluster():
     """One local Ray for the whole session: 2 train workers plus CPU left for Ray Data's tasks."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)
+    ray.init(num_cpus=4, log_to_driver=True)
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -83,7 +83,7 @@ def tiny_config(sentiment_data, tmp_path):
         raw = {
             "model": dict(TINY_MODEL),
             "data": {"train": sentiment_data["train"], "eval": sentiment_data["eval"]},
-            "train": {"epochs": 1, "micro_batch_size": 8, "lr": 2e-3, "log_every_steps": 5, "shuffle": False},
+            "train": {"epochs": 1, "micro_batch_size": 8, "lr": 5e-3, "log_every_steps": 5, "shuffle": False},
             "deepspeed": {"zero_stage": 2},
             "scaling": {"num_workers": 2},
             "run": {"name": "tiny", "storage_path": str(tmp_path / "runs")},

@@ -74,7 +74,8 @@ def ensure_ray(cfg: Config) -> float:
         # split tasks need CPU too, and with every CPU reserved by train workers the stream stalls.
         reserved = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
         num_cpus = max(os.cpu_count() or 1, int(reserved) + 1)
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        # The dashboard also serves the state API that Ray Train's placement-group cleaner polls.
+        ray.init(num_cpus=num_cpus, log_to_driver=True)
     return time.perf_counter() - t0
 
 

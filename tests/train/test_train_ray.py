@@ -43,10 +43,10 @@ def module_tmp(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def zero3_run(sentiment_data, module_tmp) -> dict:
-    """An uninterrupted ZeRO-3 run, 2 workers, checkpoint every 5 of its 20 steps: the reference."""
+    """An uninterrupted ZeRO-3 run, 2 workers, checkpoint every 10 of its 40 steps: the reference."""
     from tests.conftest import TINY_MODEL
 
-    raw = _raw(sentiment_data, module_tmp, "zero3", zero_stage=3, checkpoint_every_steps=5)
+    raw = _raw(sentiment_data, module_tmp, "zero3", zero_stage=3, checkpoint_every_steps=10)
     return {"raw": raw, "summary": run(raw), "model": TINY_MODEL}
 
 
@@ -56,7 +56,7 @@ def _raw(data: dict, root: Path, name: str, zero_stage: int = 2, **run_section) 
     return {
         "model": dict(TINY_MODEL),
         "data": {"train": data["train"], "eval": data["eval"]},
-        "train": {"epochs": 1, "micro_batch_size": 8, "lr": 2e-3, "log_every_steps": 5, "shuffle": False},
+        "train": {"epochs": 1, "micro_batch_size": 8, "lr": 5e-3, "log_every_steps": 5, "shuffle": False},
         "deepspeed": {"zero_stage": zero_stage},
         "scaling": {"num_workers": 2},
         "run": {"name": name, "storage_path": str(root / "runs"), **run_section},
@@ -64,7 +64,7 @@ def _raw(data: dict, root: Path, name: str, zero_stage: int = 2, **run_section) 
 
 
 def assert_learned(summary: dict) -> None:
-    assert summary["step"] == 20  # 320 rows / (8 x 2 workers)
+    assert summary["step"] == 40  # 640 rows / (8 x 2 workers)
     assert summary["train/loss"] < 0.8 * summary["train/first_loss"], summary
     assert summary["eval/accuracy"] > 0.75, summary["eval/accuracy"]
     assert summary["eval"]["num_examples"] == 64  # every eval row counted once, across both workers
@@ -75,7 +75,7 @@ def test_zero3_lowers_the_loss_and_checkpoints(zero3_run):
     assert_learned(summary)
     run_dir = Path(summary["run_dir"])
     checkpoints = sorted(p.name for p in run_dir.glob("checkpoint_step_*"))
-    assert checkpoints == ["checkpoint_step_00000015", "checkpoint_step_00000020"]  # keep_checkpoints=2
+    assert checkpoints == ["checkpoint_step_00000030", "checkpoint_step_00000040"]  # keep_checkpoints=2
     last = run_dir / checkpoints[-1]
     # Every rank's ZeRO-3 shard was saved into the one checkpoint directory.
     assert sorted(p.name for p in (last / "ds").glob("*model_states.pt")) == [
@@ -114,8 +114,8 @@ def test_two_workers_match_one_worker_with_the_same_global_batch(sentiment_data,
     one["scaling"]["num_workers"] = 1
     one["train"]["gradient_accumulation_steps"] = 2
     s2, s1 = run(two), run(one)
-    assert s1["step"] == s2["step"] == 20
-    # Tolerance: fp32 with a different reduction order (all-reduce vs accumulation) over 20 steps.
+    assert s1["step"] == s2["step"] == 40
+    # Tolerance: fp32 with a different reduction order (all-reduce vs accumulation) over 40 steps.
     assert s1["train/loss"] == pytest.approx(s2["train/loss"], abs=1e-4)
     assert s1["eval/loss"] == pytest.approx(s2["eval/loss"], abs=1e-4)
     diff = max_weight_diff(
@@ -125,12 +125,12 @@ def test_two_workers_match_one_worker_with_the_same_global_batch(sentiment_data,
 
 
 def test_worker_failure_restarts_from_checkpoint_with_the_same_result(zero3_run, module_tmp, monkeypatch):
-    """A worker dies after step 12; Ray Train restarts the group, which resumes at step 10."""
-    raw = _raw(module_tmp_data(zero3_run), module_tmp, "zero3-restarted", zero_stage=3, checkpoint_every_steps=5)
+    """A worker dies after step 24; Ray Train restarts the group, which resumes at step 20."""
+    raw = _raw(module_tmp_data(zero3_run), module_tmp, "zero3-restarted", zero_stage=3, checkpoint_every_steps=10)
     raw["run"]["max_failures"] = 1
-    monkeypatch.setenv(FAIL_AT_STEP_ENV, "12")
+    monkeypatch.setenv(FAIL_AT_STEP_ENV, "24")
     summary = run(raw)
-    assert summary["step"] == 20
+    assert summary["step"] == 40
     diff = max_weight_diff(
         exported_weights(summary["run_dir"], module_tmp / "restarted"),
         exported_weights(zero3_run["summary"]["run_dir"], module_tmp / "reference"),
@@ -143,12 +143,12 @@ def module_tmp_data(zero3_run: dict) -> dict:
 
 
 def test_relaunch_resumes_and_a_broken_checkpoint_is_an_error(zero3_run, module_tmp, monkeypatch):
-    raw = _raw(module_tmp_data(zero3_run), module_tmp, "zero3-relaunched", zero_stage=3, checkpoint_every_steps=5)
-    monkeypatch.setenv(FAIL_AT_STEP_ENV, "7")
-    with pytest.raises(Exception, match="injected failure after step 7"):
+    raw = _raw(module_tmp_data(zero3_run), module_tmp, "zero3-relaunched", zero_stage=3, checkpoint_every_steps=10)
+    monkeypatch.setenv(FAIL_AT_STEP_ENV, "14")
+    with pytest.raises(Exception, match="injected failure after step 14"):
         run(raw)
     monkeypatch.delenv(FAIL_AT_STEP_ENV)
-    summary = run(raw)  # same run.name and storage_path: resumes from step 5
+    summary = run(raw)  # same run.name and storage_path: resumes from step 10
     diff = max_weight_diff(
         exported_weights(summary["run_dir"], module_tmp / "relaunched"),
         exported_weights(zero3_run["summary"]["run_dir"], module_tmp / "reference2"),
@@ -156,9 +156,9 @@ def test_relaunch_resumes_and_a_broken_checkpoint_is_an_error(zero3_run, module_
     assert diff < 1e-5, diff
 
     # A checkpoint that is expected but damaged stops the run instead of restarting from step 0.
-    latest = Path(summary["run_dir"]) / "checkpoint_step_00000020"
+    latest = Path(summary["run_dir"]) / "checkpoint_step_00000040"
     os.remove(latest / "rng_rank1.pt")
-    with pytest.raises(Exception, match="checkpoint_step_00000020.*rng_rank1.pt"):
+    with pytest.raises(Exception, match="checkpoint_step_00000040.*rng_rank1.pt"):
         run(raw)
     shutil.move(Path(summary["run_dir"]) / "checkpoint_manager_snapshot.json", module_tmp / "snapshot.json")
     with pytest.raises(RuntimeError, match="no checkpoint_manager_snapshot.json"):

@@ -1,0 +1,62 @@
+"""The loop without Ray: one rank in this process (gloo), plain Python iterators as the data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fmdist.config import from_dict
+from fmdist.train.loop import STATE_FILE, LoopIO, fit
+from tests.conftest import TINY_MODEL, sentiment_rows
+
+
+def micro_batches(rows: dict[str, list], size: int) -> list[dict[str, list]]:
+    n = len(rows["label"])
+    return [{k: v[i : i + size] for k, v in rows.items()} for i in range(0, n, size)]
+
+
+def test_fit_runs_in_process_and_learns(tmp_path):
+    """World size 1. 100 rows / micro 8 = 13 iters per epoch, the last one partial (4 rows)."""
+    cfg = from_dict(
+        {
+            "model": dict(TINY_MODEL),
+            "data": {"train": "unused-by-the-loop"},
+            "train": {
+                "epochs": 3,
+                "micro_batch_size": 8,
+                "gradient_accumulation_steps": 2,
+                "lr": 3e-3,
+                "log_every_steps": 2,
+            },
+            "deepspeed": {"zero_stage": 1},
+            "scaling": {"num_workers": 1},
+        }
+    )
+    train_rows, eval_rows = sentiment_rows(100, seed=3), sentiment_rows(40, seed=4)
+    reports: list[tuple[dict, str | None]] = []
+    seen_epochs: list[int] = []
+
+    def train_batches(epoch: int):
+        seen_epochs.append(epoch)
+        return iter(micro_batches(train_rows, 8))
+
+    io = LoopIO(
+        train_batches=train_batches,
+        num_train_rows=100,
+        report=lambda metrics, path: reports.append((metrics, path)),
+        scratch_dir=str(tmp_path),
+        eval_batches=lambda: iter(micro_batches(eval_rows, 8)),
+    )
+    summary = fit(cfg, io)
+    # 13 iters with accumulation 2 -> 7 steps per epoch (the 14th iter is a zero-weight placeholder).
+    assert summary["step"] == 21
+    assert seen_epochs == [0, 1, 2]
+    assert summary["train/loss"] < summary["train/first_loss"]
+    assert summary["eval"]["num_examples"] == 40
+    # An evaluation after epochs 1 and 2 and a final one; each with a checkpoint.
+    assert [m["step"] for m, _ in reports] == [7, 14, 21]
+    last_metrics, last_path = reports[-1]
+    assert last_metrics["eval/accuracy"] == summary["eval"]["accuracy"]
+    state = json.loads((Path(last_path) / STATE_FILE).read_text())
+    assert (state["step"], state["epoch"], state["iters_in_epoch"]) == (21, 2, 14)  # end of the 3rd epoch
+    assert (Path(last_path) / "hf" / "config.json").is_file() and (Path(last_path) / "rng_rank0.pt").is_file()
