@@ -1,4 +1,4 @@
-"""The `fmdist` command: train, export, predict, eval, config-reference."""
+"""The `fmdist` command: prepare, train, export, predict, eval, config-reference."""
 
 from __future__ import annotations
 
@@ -85,6 +85,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from fmdist.data.prepare import prepare
+
+    *inputs, output = args.paths
+    if not inputs:
+        print("fmdist prepare: give at least one INPUT and then the OUTPUT directory.", file=sys.stderr)
+        return 2
+    manifests = prepare(
+        inputs,
+        output,
+        redact=args.redact,
+        output_format=args.format,
+        rows_per_shard=args.rows_per_shard,
+        eval_fraction=args.eval_fraction,
+        seed=args.seed,
+        input_format=args.input_format,
+    )
+    for split, manifest in manifests.items():
+        print(
+            f"{output.rstrip('/')}/{split}: {manifest['total_rows']} rows in {len(manifest['shards'])} {args.format} shard(s)"
+        )
+    deid = manifests["train"]["deidentification"]
+    if deid["enabled"]:
+        print("replaced: " + ", ".join(f"{k} {v}" for k, v in deid["replaced"].items()))
+        print("not covered: " + "; ".join(deid["not_covered"]))
+    return 0
+
+
 def cmd_config_reference(args: argparse.Namespace) -> int:
     from fmdist.config import reference_markdown
 
@@ -121,6 +149,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-column", default="label")
     p.add_argument("--max-length", type=int, default=128)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("prepare", help="write (de-identified) Parquet/Arrow shards with a manifest")
+    p.add_argument(
+        "paths", nargs="+", metavar="INPUT [INPUT ...] OUTPUT", help="input files, then the output directory"
+    )
+    p.add_argument("--redact", action="store_true", help="replace e-mails, phones, URLs, IPs and card numbers")
+    p.add_argument("--format", choices=["parquet", "arrow"], default="parquet")
+    p.add_argument("--rows-per-shard", type=int, default=10_000)
+    p.add_argument("--eval-fraction", type=float, default=0.0, help="put this fraction of rows in OUTPUT/eval")
+    p.add_argument("--seed", type=int, default=0, help="seeds the train/eval split")
+    p.add_argument("--input-format", choices=["csv", "tsv", "jsonl", "conll", "text"], help="default: from the suffix")
+    p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("config-reference", help="print the config reference (Markdown)")
     p.set_defaults(func=cmd_config_reference)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 from pathlib import Path
 
 import pyarrow as pa
@@ -62,8 +63,49 @@ def sentiment_data(tmp_path_factory) -> dict[str, str]:
     return {"train": str(train), "eval": str(eval_)}
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
-def ray_cluster():
+def s3_endpoint():
+    """moto's S3 server on a loopback port, with this process's AWS settings pointing at it.
+
+    Started before Ray (ray_cluster depends on it) so that Ray's workers inherit the settings, as
+    they would inherit an instance role's on a real cluster.
+    """
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update(
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing-secret-do-not-log",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint) -> str:
+    """A fresh bucket per test."""
+    import uuid
+
+    import boto3
+
+    name = f"fmdist-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_endpoint):
     """One local Ray for the whole session: 2 train workers plus CPU left for Ray Data's tasks."""
     import ray
 

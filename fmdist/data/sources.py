@@ -7,16 +7,22 @@ so a directory, a glob or a single file means the same thing on a laptop and on 
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from fmdist.data.fs import filesystem
 
 if TYPE_CHECKING:
     import ray.data
 
+MANIFEST = "manifest.json"
 SUFFIX_FORMATS = {
     ".parquet": "parquet",
     ".arrow": "arrow",
@@ -37,6 +43,8 @@ class Source:
     filesystem: pafs.FileSystem
     files: tuple[str, ...]
     format: str
+    manifest: dict | None = None
+    """The `fmdist prepare` manifest when the location is a prepared directory (shard checksums)."""
 
 
 def _format_of(path: str) -> str | None:
@@ -53,7 +61,7 @@ def resolve(uri: str, field: str = "data.train") -> Source:
         ValueError: naming `field` and `uri` when nothing matches, a suffix is unknown, or formats mix.
     """
     try:
-        fs, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
+        fs, path = filesystem(uri)
     except (pa.ArrowInvalid, OSError) as exc:
         raise ValueError(f"{field}: cannot open {uri!r}: {exc}") from None
     if any(ch in path for ch in "*?["):
@@ -66,6 +74,8 @@ def resolve(uri: str, field: str = "data.train") -> Source:
             raise ValueError(
                 f"{field}: {uri!r} does not exist; check the path (relative paths are relative to the config file)."
             )
+        if info.type == pafs.FileType.Directory and fs.get_file_info(f"{path}/{MANIFEST}").type == pafs.FileType.File:
+            return _resolve_manifest(uri, fs, path, field)
         if info.type == pafs.FileType.Directory:
             infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
             files = [i.path for i in infos if i.type == pafs.FileType.File and _format_of(i.path)]
@@ -81,6 +91,70 @@ def resolve(uri: str, field: str = "data.train") -> Source:
     if len(formats) > 1:
         raise ValueError(f"{field}: {uri!r} mixes formats {sorted(formats)}; keep one format per data set.")
     return Source(uri=uri, filesystem=fs, files=tuple(files), format=formats.pop())
+
+
+def _resolve_manifest(uri: str, fs: pafs.FileSystem, path: str, field: str) -> Source:
+    """A prepared directory: the shards its manifest lists, in its order, each of which must exist."""
+    with fs.open_input_stream(f"{path}/{MANIFEST}") as f:
+        try:
+            manifest = json.loads(f.read())
+        except json.JSONDecodeError as exc:
+            raise ValueError(
+                f"{field}: {uri}/{MANIFEST} is not valid JSON ({exc.msg}); re-run fmdist prepare."
+            ) from None
+    files = tuple(f"{path}/{shard['path']}" for shard in manifest["shards"])
+    for shard_path, info in zip(files, fs.get_file_info(list(files)), strict=True):
+        if info.type != pafs.FileType.File:
+            raise ValueError(
+                f"{field}: shard {shard_path!r} listed in {uri}/{MANIFEST} is missing; restore it or re-run fmdist prepare."
+            )
+    if not files:
+        raise ValueError(f"{field}: {uri}/{MANIFEST} lists no shards; the data set is empty.")
+    return Source(uri=uri, filesystem=fs, files=files, format=manifest["format"], manifest=manifest)
+
+
+def _verified_shard_datasource(source: Source) -> Any:
+    """Read prepared shards whole, check each against the manifest's sha256, then decode.
+
+    Ray Data's own readers cannot check a checksum; a shard is bounded in size (rows_per_shard), so
+    buffering one per read task keeps memory bounded while letting every byte be verified.
+    """
+    from ray.data.datasource import FileBasedDatasource
+
+    expected = {shard["path"]: shard for shard in source.manifest["shards"]}
+    fmt = source.format
+
+    class VerifiedShardDatasource(FileBasedDatasource):
+        def _read_stream(self, f: pa.NativeFile, path: str):
+            yield from decode_verified_shard(f.read(), path, expected[path.rsplit("/", 1)[-1]], fmt)
+
+    return VerifiedShardDatasource(list(source.files), filesystem=source.filesystem)
+
+
+def decode_verified_shard(data: bytes, path: str, shard: dict, fmt: str):
+    """Tables from one shard's bytes, after checking size and sha256; errors name the shard."""
+    if len(data) != shard["bytes"]:
+        raise ValueError(
+            f"shard {path!r} is {len(data)} bytes but the manifest says {shard['bytes']}: truncated or replaced. "
+            "Restore it from the source or re-run fmdist prepare."
+        )
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != shard["sha256"]:
+        raise ValueError(
+            f"shard {path!r} fails its checksum (sha256 {digest[:12]}..., manifest {shard['sha256'][:12]}...): "
+            "the file is corrupt. Restore it from the source or re-run fmdist prepare."
+        )
+    try:
+        if fmt == "parquet":
+            parquet = pq.ParquetFile(pa.BufferReader(data))
+            for group in range(parquet.num_row_groups):
+                yield parquet.read_row_group(group)
+        else:
+            reader = pa.ipc.open_file(pa.BufferReader(data))
+            for i in range(reader.num_record_batches):
+                yield pa.Table.from_batches([reader.get_batch(i)])
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ValueError(f"shard {path!r} cannot be decoded as {fmt}: {exc}") from None
 
 
 def _arrow_ipc_datasource(files: list[str], fs: pafs.FileSystem) -> Any:
@@ -103,6 +177,8 @@ def read_dataset(source: Source) -> ray.data.Dataset:
 
     files = list(source.files)
     fs = source.filesystem
+    if source.manifest is not None:
+        return ray.data.read_datasource(_verified_shard_datasource(source))
     if source.format == "parquet":
         return ray.data.read_parquet(files, filesystem=fs)
     if source.format == "csv":
@@ -130,9 +206,15 @@ def check_columns(ds: ray.data.Dataset, columns: list[str], field: str, uri: str
 def iter_tables(source: Source, batch_rows: int = 1024):
     """Single-process read of a source in file order (for evaluating exported models without Ray)."""
     import pyarrow.json as pajson
-    import pyarrow.parquet as pq
 
     for path in source.files:
+        if source.manifest is not None:
+            with source.filesystem.open_input_stream(path) as f:
+                data = f.read()
+            shard = next(s for s in source.manifest["shards"] if path.endswith("/" + s["path"]))
+            for table in decode_verified_shard(data, path, shard, source.format):
+                yield from (pa.Table.from_batches([b]) for b in table.to_batches(max_chunksize=batch_rows))
+            continue
         try:
             if source.format == "parquet":
                 with source.filesystem.open_input_file(path) as f:
@@ -155,8 +237,8 @@ def iter_tables(source: Source, batch_rows: int = 1024):
 
 def count_rows(source: Source) -> int:
     """Rows in a source: from Parquet footers when possible (no data read), else by reading once."""
-    import pyarrow.parquet as pq
-
+    if source.manifest is not None:
+        return source.manifest["total_rows"]
     if source.format == "parquet":
         total = 0
         for path in source.files:

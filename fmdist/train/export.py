@@ -7,7 +7,6 @@ ZeRO shards (stage 3 included) are consolidated into fp32 weights with DeepSpeed
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -15,18 +14,15 @@ from typing import Any
 import pyarrow.fs as pafs
 import torch
 
+from fmdist.data.fs import filesystem
 from fmdist.train.loop import DS_TAG, HF_DIR, STATE_FILE
 
 CHECKPOINT_PREFIX = "checkpoint_step_"
 
 
-def _fs(uri: str) -> tuple[pafs.FileSystem, str]:
-    return pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), os.path.abspath(uri))
-
-
 def find_checkpoint(run_or_checkpoint: str) -> str:
     """The checkpoint itself, or the newest `checkpoint_step_*` inside a run directory."""
-    fs, path = _fs(run_or_checkpoint)
+    fs, path = filesystem(run_or_checkpoint)
     info = fs.get_file_info(path)
     if info.type != pafs.FileType.Directory:
         raise FileNotFoundError(f"{run_or_checkpoint!r} is not a run or checkpoint directory.")
@@ -46,7 +42,7 @@ def _local_copy(uri: str, scratch: str) -> str:
     """A local directory with the checkpoint's files (downloaded when it lives on S3)."""
     if "://" not in uri:
         return uri
-    fs, path = _fs(uri)
+    fs, path = filesystem(uri)
     pafs.copy_files(path, scratch, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     return scratch
 

@@ -12,6 +12,7 @@ import pyarrow.fs as pafs
 import yaml
 
 from fmdist.config import Config, from_dict
+from fmdist.data.fs import aws_env, filesystem
 from fmdist.data.sources import check_columns, count_rows, read_dataset, resolve
 from fmdist.runtime import get_logger
 from fmdist.train.loop import FAIL_AT_STEP_ENV
@@ -26,13 +27,9 @@ def run_dir_uri(cfg: Config) -> str:
     return f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
 
 
-def _fs(uri: str) -> tuple[pafs.FileSystem, str]:
-    return pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), os.path.abspath(uri))
-
-
 def write_run_file(cfg: Config, name: str, text: str) -> str:
     """Write a small file into the run directory (local or s3://); returns its URI."""
-    fs, path = _fs(run_dir_uri(cfg))
+    fs, path = filesystem(run_dir_uri(cfg))
     fs.create_dir(path, recursive=True)
     with fs.open_output_stream(f"{path}/{name}") as f:
         f.write(text.encode())
@@ -45,7 +42,7 @@ def check_resumable(cfg: Config) -> bool:
     Ray Train resumes from its snapshot file; checkpoints without one would make it start again from
     step 0, silently. That is refused here with the fix instead.
     """
-    fs, path = _fs(run_dir_uri(cfg))
+    fs, path = filesystem(run_dir_uri(cfg))
     infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     checkpoints = [i.base_name for i in infos if i.base_name.startswith("checkpoint_")]
     has_snapshot = any(i.base_name == SNAPSHOT_FILE for i in infos)
@@ -75,7 +72,7 @@ def ensure_ray(cfg: Config) -> float:
         reserved = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
         num_cpus = max(os.cpu_count() or 1, int(reserved) + 1)
         # The dashboard also serves the state API that Ray Train's placement-group cleaner polls.
-        ray.init(num_cpus=num_cpus, log_to_driver=True)
+        ray.init(num_cpus=num_cpus, log_to_driver=True, runtime_env={"env_vars": aws_env()})
     return time.perf_counter() - t0
 
 
@@ -208,9 +205,13 @@ def train(cfg: Config) -> dict[str, Any]:
     )  # fmt: skip
 
     write_run_file(cfg, "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    env_vars = {} if use_gpu else {"DS_ACCELERATOR": "cpu"}
+    env_vars = aws_env() | ({} if use_gpu else {"DS_ACCELERATOR": "cpu"})
     if FAIL_AT_STEP_ENV in os.environ:
         env_vars[FAIL_AT_STEP_ENV] = os.environ[FAIL_AT_STEP_ENV]
+    storage_fs, storage_path = filesystem(cfg.run.storage_path)
+    if isinstance(storage_fs, pafs.LocalFileSystem):
+        storage_fs = None  # let Ray Train use the plain local path
+        storage_path = cfg.run.storage_path
     trainer = TorchTrainer(
         _train_fn_per_worker,
         train_loop_config={
@@ -229,7 +230,8 @@ def train(cfg: Config) -> dict[str, Any]:
         ),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
-            storage_path=cfg.run.storage_path,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             worker_runtime_env={"env_vars": env_vars},
@@ -241,7 +243,9 @@ def train(cfg: Config) -> dict[str, Any]:
     if result.error:
         raise result.error
     summary = dict(result.metrics or {})
-    summary["checkpoint"] = result.checkpoint.path if result.checkpoint else None
+    summary["checkpoint"] = (
+        f"{run_dir_uri(cfg)}/{result.checkpoint.path.rsplit('/', 1)[-1]}" if result.checkpoint else None
+    )
     summary["run_dir"] = run_dir_uri(cfg)
     write_run_file(cfg, "metrics.json", json.dumps(summary, indent=2, default=str))
     return summary
