@@ -59,6 +59,9 @@ class DataConfig:
     text_column: str = _field("sentence", "Column holding the input text.")
     label_column: str = _field("label", "Column holding the integer class label.")
     max_length: int = _field(128, "Tokens per example after truncation; batches are padded to their longest row.")
+    shuffle_window_rows: int = _field(
+        1024, "Rows each worker holds to shuffle within (bounded memory); shard order is shuffled per epoch too."
+    )
 
 
 @dataclass
@@ -230,6 +233,7 @@ def _validate(cfg: Config, problems: list[str]) -> None:
     if not d.train:
         problems.append("data.train: required; point it at a directory of shards or a data file.")
     positive("data.max_length", d.max_length)
+    positive("data.shuffle_window_rows", d.shuffle_window_rows)
     positive("train.epochs", t.epochs)
     positive("train.max_steps", t.max_steps, allow_none=True)
     positive("train.micro_batch_size", t.micro_batch_size)

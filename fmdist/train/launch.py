@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -14,13 +15,13 @@ import yaml
 from fmdist.config import Config, from_dict
 from fmdist.data.fs import aws_env, filesystem
 from fmdist.data.sources import check_columns, count_rows, read_dataset, resolve
+from fmdist.data.stream import ShardStream, StreamState, epoch_shards
 from fmdist.runtime import get_logger
 from fmdist.train.loop import FAIL_AT_STEP_ENV
 
 log = get_logger("fmdist")
 
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
-SHUFFLE_BUFFER_ROWS = 1024
 
 
 def run_dir_uri(cfg: Config) -> str:
@@ -113,6 +114,51 @@ def _data_config() -> Any:
     return SplitWithoutDropping()
 
 
+class StreamFactory:
+    """One resumable ShardStream per epoch over prepared training shards (see data/stream.py)."""
+
+    def __init__(self, cfg: Config, rank: int):
+        import ray.train
+
+        self.cfg = cfg
+        self.rank = rank
+        self.world_size = ray.train.get_context().get_world_size()
+        self.source = resolve(cfg.data.train, "data.train")
+        self.current: ShardStream | None = None
+        self.pending: StreamState | None = None
+
+    def batches(self, epoch: int):
+        resume = self.pending if self.pending is not None and self.pending.epoch == epoch else None
+        self.pending = None
+        self.current = ShardStream(
+            self.source,
+            rank=self.rank,
+            world_size=self.world_size,
+            epoch=epoch,
+            seed=self.cfg.train.seed,
+            shuffle=self.cfg.train.shuffle,
+            window_rows=self.cfg.data.shuffle_window_rows,
+            resume=resume,
+        )
+        return self.current.batches(self.cfg.train.micro_batch_size)
+
+    def iters_per_epoch(self, epoch: int) -> int:
+        """Micro-batches of the busiest rank this epoch (ranks own whole shards, so counts differ)."""
+        shards = self.source.manifest["shards"]
+        return max(
+            math.ceil(sum(shards[i]["rows"] for i in epoch_shards(self.source, self.cfg.train.seed, epoch, r,
+                                                                   self.world_size, self.cfg.train.shuffle))
+                      / self.cfg.train.micro_batch_size)
+            for r in range(self.world_size)
+        )  # fmt: skip
+
+    def state(self) -> StreamState | None:
+        return self.current.state() if self.current is not None else None
+
+    def restore(self, state: StreamState | None) -> None:
+        self.pending = state
+
+
 def _train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     """What every Ray Train worker runs: rebuild the config, wire Ray's data and reporting to `fit`."""
     from fmdist.runtime import use_cpu_accelerator_if_no_gpu
@@ -124,15 +170,18 @@ def _train_fn_per_worker(loop_config: dict[str, Any]) -> None:
 
     cfg = from_dict(loop_config["config"])
     rank = ray.train.get_context().get_world_rank()
-    train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval") if loop_config["has_eval"] else None
+    stream = StreamFactory(cfg, rank) if loop_config["stream_train"] else None
+    train_shard = None if stream else ray.train.get_dataset_shard("train")
 
     def train_batches(epoch: int):
+        if stream is not None:
+            return stream.batches(epoch)
         shuffle = cfg.train.shuffle
         return train_shard.iter_batches(
             batch_size=cfg.train.micro_batch_size,
             batch_format="numpy",
-            local_shuffle_buffer_size=SHUFFLE_BUFFER_ROWS if shuffle else None,
+            local_shuffle_buffer_size=cfg.data.shuffle_window_rows if shuffle else None,
             local_shuffle_seed=cfg.train.seed * 100_003 + epoch * 1009 + rank if shuffle else None,
         )
 
@@ -156,6 +205,9 @@ def _train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         report=report,
         scratch_dir=scratch,
         eval_batches=eval_batches if eval_shard is not None else None,
+        iters_per_epoch=stream.iters_per_epoch if stream else None,
+        data_state=stream.state if stream else None,
+        restore_data_state=stream.restore if stream else None,
         launch_time=loop_config["launch_time"],
         timings=loop_config["timings"],
     )
@@ -181,6 +233,7 @@ def train(cfg: Config) -> dict[str, Any]:
     use_gpu = resolve_use_gpu(cfg)
     datasets = {}
     num_rows = {}
+    stream_train = False
     for split, uri in (("train", cfg.data.train), ("eval", cfg.data.eval)):
         if uri is None:
             continue
@@ -188,14 +241,18 @@ def train(cfg: Config) -> dict[str, Any]:
         ds = read_dataset(source)
         check_columns(ds, [cfg.data.text_column, cfg.data.label_column], f"data.{split}", uri)
         num_rows[split] = count_rows(source)
+        if num_rows[split] == 0:
+            raise ValueError(f"data.{split}: {uri!r} has no rows; point it at a non-empty data set.")
+        if split == "train" and source.manifest is not None:
+            # Prepared shards: every worker streams its own shards, resumable mid-epoch (data/stream.py).
+            stream_train = True
+            continue
         if split == "train" and cfg.train.shuffle:
             ds = ds.randomize_block_order(seed=cfg.train.seed)
         # Blocks of one micro-batch: the splitter hands out whole blocks, so a file-sized block would
         # go to one rank. With micro-batch blocks, ranks differ by at most one micro-batch, and N
         # workers see the same step composition as one worker accumulating N micro-batches.
         ds = ds.repartition(target_num_rows_per_block=cfg.train.micro_batch_size)
-        if num_rows[split] == 0:
-            raise ValueError(f"data.{split}: {uri!r} has no rows; point it at a non-empty data set.")
         datasets[split] = ds
     log.info(
         "%s run %s: %d training rows%s; %d workers (%s), ZeRO-%d",
@@ -218,6 +275,7 @@ def train(cfg: Config) -> dict[str, Any]:
             "config": cfg.to_dict(),
             "num_train_rows": num_rows["train"],
             "has_eval": "eval" in datasets,
+            "stream_train": stream_train,
             "launch_time": launch_time,
             "timings": {"ray_start_s": ray_start_s},
         },

@@ -56,6 +56,12 @@ class LoopIO:
     """This rank's share of the eval rows; None when there is no eval split."""
     restore_dir: str | None = None
     """A local checkpoint directory to resume from (the launcher finds the latest one)."""
+    iters_per_epoch: Callable[[int], int] | None = None
+    """epoch -> micro-batches of the busiest rank, when the source knows it exactly (else estimated)."""
+    data_state: Callable[[], Any] | None = None
+    """This rank's stream position, saved with each checkpoint (a resumable stream provides it)."""
+    restore_data_state: Callable[[Any], None] | None = None
+    """Hands a saved stream position back before the first `train_batches` call after a resume."""
     launch_time: float | None = None
     """time.time() when the launcher started, for the time-to-first-step breakdown."""
     timings: dict[str, float] = field(default_factory=dict)
@@ -93,16 +99,21 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def steps_per_epoch(cfg: Config, num_train_rows: int, world_size: int) -> int:
-    """Optimizer steps in one epoch: every rank runs the same number of iters (the loop joins ranks)."""
-    iters = math.ceil(num_train_rows / (cfg.train.micro_batch_size * world_size))
+def steps_per_epoch(cfg: Config, io: LoopIO, world_size: int, epoch: int) -> int:
+    """Optimizer steps in one epoch: every rank runs as many iters as the busiest one (the loop joins
+    ranks), and an epoch's last, partial accumulation is completed with placeholders."""
+    if io.iters_per_epoch is not None:
+        iters = io.iters_per_epoch(epoch)
+    else:
+        # Ray Data deals micro-batch blocks round-robin: the first rank gets the odd one out.
+        iters = math.ceil(math.ceil(io.num_train_rows / cfg.train.micro_batch_size) / world_size)
     return max(1, math.ceil(iters / cfg.train.gradient_accumulation_steps))
 
 
-def total_steps(cfg: Config, num_train_rows: int, world_size: int) -> int:
+def total_steps(cfg: Config, io: LoopIO, world_size: int) -> int:
     if cfg.train.max_steps is not None:
         return cfg.train.max_steps
-    return cfg.train.epochs * steps_per_epoch(cfg, num_train_rows, world_size)
+    return sum(steps_per_epoch(cfg, io, world_size, epoch) for epoch in range(cfg.train.epochs))
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:
@@ -172,6 +183,8 @@ def save_checkpoint(
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     torch.save(rng, path / f"rng_rank{rank}.pt")
+    if io.data_state is not None:
+        torch.save(io.data_state(), path / f"data_rank{rank}.pt")
     if rank == 0:
         meta = {**state, "zero_stage": cfg.deepspeed.zero_stage, "world_size": dist.get_world_size()}
         meta.update(config=cfg.to_dict(), eval=eval_metrics)
@@ -181,8 +194,12 @@ def save_checkpoint(
     return str(path)
 
 
-def load_checkpoint(engine: Any, path: str) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler and RNG state; a missing or unreadable shard is an error."""
+def load_checkpoint(engine: Any, path: str, io: LoopIO) -> dict[str, Any]:
+    """Restore model, optimizer, scheduler, RNG and stream state; a missing or unreadable shard is an error.
+
+    The returned client state has `data_restored`: whether the stream continues from its saved
+    position (no replay) or the loop must skip the epoch's consumed batches itself.
+    """
     rank = dist.get_rank()
     state_file = Path(path) / STATE_FILE
     if not state_file.is_file():
@@ -212,6 +229,10 @@ def load_checkpoint(engine: Any, path: str) -> dict[str, Any]:
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
+    data_file = Path(path) / f"data_rank{rank}.pt"
+    client_state["data_restored"] = io.restore_data_state is not None and data_file.is_file()
+    if client_state["data_restored"]:
+        io.restore_data_state(torch.load(data_file, weights_only=False))
     return client_state
 
 
@@ -236,8 +257,8 @@ def fit(cfg: Config, io: LoopIO) -> dict[str, Any]:
         model.gradient_checkpointing_enable()
     timings["model_load_s"] = time.perf_counter() - t0
 
-    num_steps = total_steps(cfg, io.num_train_rows, world_size)
-    per_epoch = steps_per_epoch(cfg, io.num_train_rows, world_size)
+    num_steps = total_steps(cfg, io, world_size)
+    per_epoch = steps_per_epoch(cfg, io, world_size, 0)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr)
     scheduler = get_scheduler(
         {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.train.lr_schedule],
@@ -254,9 +275,11 @@ def fit(cfg: Config, io: LoopIO) -> dict[str, Any]:
     device = engine.device
 
     step, epoch, iters_done = 0, 0, 0
+    skip_iters = 0  # batches to read and discard on resume when the data source cannot seek
     if io.restore_dir is not None:
-        state = load_checkpoint(engine, io.restore_dir)
+        state = load_checkpoint(engine, io.restore_dir, io)
         step, epoch, iters_done = state["step"], state["epoch"], state["iters_in_epoch"]
+        skip_iters = 0 if state["data_restored"] else iters_done
         log.info("resumed from %s at step %d (epoch %d, iter %d)", io.restore_dir, step, epoch + 1, iters_done)
     if step >= num_steps:
         log.info("checkpoint is already at step %d of %d; nothing to train", step, num_steps)
@@ -300,11 +323,14 @@ def fit(cfg: Config, io: LoopIO) -> dict[str, Any]:
             )  # fmt: skip
         report(scalars, checkpoint)
 
-    while step < num_steps:
+    # With `epochs`, stop after the last epoch even if the step plan was an estimate; with `max_steps`,
+    # run as many epochs as it takes.
+    while step < num_steps and (cfg.train.max_steps is not None or epoch < cfg.train.epochs):
         batches = iter(io.train_batches(epoch))
-        # Mid-epoch resume: skip the rows this rank already trained on in this epoch.
-        for _ in range(iters_done):
+        # Mid-epoch resume from a source without a saved position: skip what was trained on.
+        for _ in range(skip_iters):
             next(batches, None)
+        skip_iters = 0
         epoch_iters = _joined(batches, device)
         while step < num_steps:
             rows = next(epoch_iters, _EPOCH_OVER)

@@ -88,7 +88,9 @@ def test_split_shards_row_ids_and_manifest(tmp_path):
         assert source.manifest is not None and count_rows(source) == manifests[split]["total_rows"]
         ids += [i for t in iter_tables(source) for i in t.column("row_id").to_pylist()]
     assert sorted(ids) == list(range(1000))  # every row once, with a stable id
-    again = prepare([str(src)], str(tmp_path / "again"), rows_per_shard=300, eval_fraction=0.2, seed=7, output_format="arrow")
+    again = prepare(
+        [str(src)], str(tmp_path / "again"), rows_per_shard=300, eval_fraction=0.2, seed=7, output_format="arrow"
+    )
     assert [s["sha256"] for s in again["eval"]["shards"]] == [s["sha256"] for s in eval_["shards"]]
     other = prepare([str(src)], str(tmp_path / "other"), rows_per_shard=300, eval_fraction=0.2, seed=8)
     assert other["eval"]["total_rows"] != eval_["total_rows"] or other["eval"]["shards"] != eval_["shards"]

@@ -24,7 +24,9 @@ def keys(bucket: str, prefix: str) -> list[str]:
 
 
 def write_jsonl(path, rows: dict[str, list]) -> str:
-    path.write_text("".join(json.dumps(dict(zip(rows, values, strict=True))) + "\n" for values in zip(*rows.values(), strict=True)))
+    path.write_text(
+        "".join(json.dumps(dict(zip(rows, values, strict=True))) + "\n" for values in zip(*rows.values(), strict=True))
+    )
     return str(path)
 
 
@@ -34,7 +36,9 @@ def test_prepare_writes_shards_and_manifest_to_s3(s3_bucket, tmp_path):
     listed = keys(s3_bucket, "prepared/")
     assert "prepared/train/manifest.json" in listed and "prepared/eval/manifest.json" in listed
     assert len([k for k in listed if k.startswith("prepared/train/part-")]) == len(manifests["train"]["shards"])
-    manifest = json.loads(boto3.client("s3").get_object(Bucket=s3_bucket, Key="prepared/train/manifest.json")["Body"].read())
+    manifest = json.loads(
+        boto3.client("s3").get_object(Bucket=s3_bucket, Key="prepared/train/manifest.json")["Body"].read()
+    )
     assert manifest["total_rows"] == manifests["train"]["total_rows"]
 
 
@@ -48,7 +52,12 @@ def test_train_from_s3_with_checkpoints_on_s3_resumes_after_a_failure(s3_bucket,
         "train": {"epochs": 1, "micro_batch_size": 8, "lr": 5e-3, "log_every_steps": 5, "shuffle": False},
         "deepspeed": {"zero_stage": 2},
         "scaling": {"num_workers": 2},
-        "run": {"name": "s3run", "storage_path": f"s3://{s3_bucket}/runs", "checkpoint_every_steps": 10, "max_failures": 1},
+        "run": {
+            "name": "s3run",
+            "storage_path": f"s3://{s3_bucket}/runs",
+            "checkpoint_every_steps": 10,
+            "max_failures": 1,
+        },
     }
     monkeypatch.setenv(FAIL_AT_STEP_ENV, "15")  # a worker dies; the restarted group resumes from S3 at step 10
     summary = train(from_dict(raw))

@@ -1,0 +1,161 @@
+"""A per-worker, resumable stream over prepared shards: every row once per epoch, no replay on resume.
+
+Why fmdist streams prepared shards itself instead of through Ray Data: a Ray Data iterator cannot
+resume mid-epoch (ray#37633), so a resumed run must either repeat rows or read and discard
+everything before the checkpoint. This stream's position is a small state (a cursor, the rows in
+the shuffle window, the RNG) saved with each checkpoint; resume reads on from the cursor's shard.
+
+The plan of an epoch is a pure function of (manifest, seed, epoch, world size), so every rank
+computes it alone:
+- shard order: a seeded permutation per epoch (or manifest order without shuffling);
+- ownership: shard k of that order belongs to rank k % world_size, so a rank reads only its shards
+  and every row is owned by exactly one rank;
+- a bounded shuffle window per rank (seeded per epoch and rank) mixes rows across its shards.
+Ranks may own different row counts; the loop keeps them in lockstep (loop._joined).
+
+Memory is bounded by one shard being read, one prefetched, and the shuffle window.
+"""
+
+from __future__ import annotations
+
+import queue
+import random
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from fmdist.data.sources import Source, decode_verified_shard
+
+PREFETCH_SHARDS = 1
+
+
+def epoch_shards(source: Source, seed: int, epoch: int, rank: int, world_size: int, shuffle: bool) -> list[int]:
+    """Indices (into the manifest) of the shards this rank reads in this epoch, in reading order."""
+    order = list(range(len(source.manifest["shards"])))
+    if shuffle:
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order[rank::world_size]
+
+
+def read_shard(source: Source, index: int) -> pa.Table:
+    """One whole shard, size- and sha256-checked against the manifest (errors name the shard)."""
+    shard = source.manifest["shards"][index]
+    path = source.files[index]
+    with source.filesystem.open_input_stream(path) as f:
+        data = f.read()
+    return pa.concat_tables(list(decode_verified_shard(data, path, shard, source.format)))
+
+
+@dataclass
+class StreamState:
+    """Where a rank's stream stands: enough to continue without repeating, skipping or re-reading rows."""
+
+    epoch: int
+    cursor: tuple[int, int]
+    """(position in this rank's shard list, row offset) of the next row to enter the window."""
+    window: list[dict]
+    """The rows waiting in the shuffle window (at most `window_rows`: bounded, saved with the checkpoint)."""
+    rng_state: Any
+    rows_emitted: int
+
+
+class ShardStream:
+    """Rows of one rank for one epoch, as micro-batches of columns."""
+
+    def __init__(
+        self,
+        source: Source,
+        *,
+        rank: int,
+        world_size: int,
+        epoch: int,
+        seed: int,
+        shuffle: bool,
+        window_rows: int,
+        resume: StreamState | None = None,
+    ):
+        if source.manifest is None:
+            raise ValueError(f"{source.uri}: the resumable stream reads directories written by fmdist prepare.")
+        self.source = source
+        self.epoch = epoch
+        self.shards = epoch_shards(source, seed, epoch, rank, world_size, shuffle)
+        self.window_rows = window_rows if shuffle else 0
+        self._rng = random.Random(seed * 7919 + epoch * 104_729 + rank)
+        self._window: list[dict] = []
+        self._cursor: tuple[int, int] = (0, 0)
+        self._rows_emitted = 0
+        if resume is not None:
+            if resume.epoch != epoch:
+                raise ValueError(f"stream state is for epoch {resume.epoch}, not {epoch}")
+            self._rng.setstate(resume.rng_state)
+            self._window = list(resume.window)
+            self._cursor = tuple(resume.cursor)
+            self._rows_emitted = resume.rows_emitted
+
+    def state(self) -> StreamState:
+        return StreamState(self.epoch, self._cursor, list(self._window), self._rng.getstate(), self._rows_emitted)
+
+    def _prefetched(self) -> Iterator[tuple[int, pa.Table]]:
+        """Shards from the cursor's on, read one ahead in a thread so I/O overlaps training."""
+        todo: queue.Queue = queue.Queue(maxsize=PREFETCH_SHARDS)
+        stop = threading.Event()
+        start = self._cursor[0]
+
+        def reader() -> None:
+            try:
+                for position in range(start, len(self.shards)):
+                    if stop.is_set():
+                        return
+                    todo.put((position, read_shard(self.source, self.shards[position])))
+                todo.put(None)
+            except BaseException as exc:  # surfaced in the training thread, with the shard named
+                todo.put(exc)
+
+        thread = threading.Thread(target=reader, daemon=True, name="fmdist-shard-prefetch")
+        thread.start()
+        try:
+            while (item := todo.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            # Abandoned early (max_steps, an error): stop the reader and wait for its in-flight read.
+            stop.set()
+            while thread.is_alive():
+                try:
+                    todo.get(timeout=0.1)
+                except queue.Empty:
+                    pass
+            thread.join()
+
+    def _pop(self) -> dict:
+        """Emit a uniformly chosen row of the window (swap-remove keeps it O(1))."""
+        i = self._rng.randrange(len(self._window))
+        self._window[i], self._window[-1] = self._window[-1], self._window[i]
+        return self._window.pop()
+
+    def rows(self) -> Iterator[dict]:
+        """Rows in emission order; `state()` is consistent between yields."""
+        for position, table in self._prefetched():
+            rows = table.to_pylist()
+            for offset in range(self._cursor[1] if position == self._cursor[0] else 0, len(rows)):
+                self._window.append(rows[offset])
+                self._cursor = (position, offset + 1) if offset + 1 < len(rows) else (position + 1, 0)
+                if len(self._window) > self.window_rows:
+                    yield self._pop()
+        while self._window:
+            yield self._pop()
+
+    def batches(self, micro_batch_size: int) -> Iterator[dict[str, list]]:
+        batch: list[dict] = []
+        for row in self.rows():
+            batch.append(row)
+            self._rows_emitted += 1
+            if len(batch) == micro_batch_size:
+                yield {name: [r[name] for r in batch] for name in batch[0]}
+                batch = []
+        if batch:
+            yield {name: [r[name] for r in batch] for name in batch[0]}
