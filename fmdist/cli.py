@@ -1,4 +1,4 @@
-"""The `fmdist` command: prepare, train, export, predict, eval, config-reference."""
+"""The `fmdist` command: prepare, train, tune, export, predict, eval, config-reference."""
 
 from __future__ import annotations
 
@@ -40,6 +40,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     use_cpu_accelerator_if_no_gpu()
     summary = train(cfg)
     _print_summary(summary)
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from fmdist import config
+    from fmdist.runtime import use_cpu_accelerator_if_no_gpu
+    from fmdist.tune.search import tune_run
+
+    cfg = config.load(args.config, args.overrides)
+    use_cpu_accelerator_if_no_gpu()
+    summary = tune_run(cfg, resume=args.resume)
+    best = summary["best"]
+    print(f"\nbest trial {best['trial']}: {cfg.tune.metric} = {best['best_metric']:.4f} with {best['config']}")
+    print(f"leaderboard  {summary['run_dir']}/leaderboard.csv (and .json), plot {summary['run_dir']}/trials.png")
+    print(f"best config  {summary['best_yaml']}  (fmdist train {summary['best_yaml']})")
+    print(f"best model   {summary['best_model']}")
     return 0
 
 
@@ -128,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. train.lr=1e-4")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("tune", help="search hyperparameters: every trial is a multi-worker DeepSpeed run")
+    p.add_argument("config", help="YAML config file with a tune section")
+    p.add_argument("overrides", nargs="*", help="section.field=value overrides")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted search (same run.name)")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("export", help="consolidate a run's newest checkpoint into a Hugging Face model directory")
     p.add_argument("run", help="run directory (run.storage_path/run.name) or one checkpoint directory")

@@ -114,6 +114,32 @@ class RunConfig:
     max_failures: int = _field(0, "Worker-group restarts Ray Train attempts (each resumes from the latest checkpoint).")
 
 
+SCHEDULERS = ("fifo", "asha")
+SEARCH_ALGS = ("random", "grid", "optuna")
+DISTRIBUTIONS = ("loguniform", "uniform", "quniform", "randint", "choice", "grid")
+
+
+@dataclass
+class TuneConfig:
+    search_space: dict[str, Any] = _field(
+        {},
+        "Dotted config keys -> distributions: {loguniform: [lo, hi]}, {uniform: [lo, hi]}, "
+        "{quniform: [lo, hi, q]}, {randint: [lo, hi]}, {choice: [...]}, {grid: [...]}.",
+    )
+    metric: str = _field("eval/accuracy", "Reported metric to optimise (e.g. eval/accuracy, eval/loss).")
+    mode: str = _field("max", "`max` or `min` of `metric`.")
+    num_samples: int = _field(4, "Trials to sample (with grid entries: repeats of the whole grid).")
+    max_concurrent_trials: int | None = _field(
+        None, "Trials at once; by default as many as the cluster's CPUs/GPUs fit."
+    )
+    scheduler: str = _field("fifo", f"Trial scheduler: one of {', '.join(SCHEDULERS)} (asha stops weak trials early).")
+    grace_period_steps: int = _field(1, "ASHA: optimizer steps a trial runs before it can be stopped.")
+    reduction_factor: float = _field(2.0, "ASHA: keep 1/reduction_factor of the trials at each rung.")
+    search_alg: str = _field("random", f"How configurations are proposed: one of {', '.join(SEARCH_ALGS)}.")
+    seed: int | None = _field(None, "Seeds the search (random/optuna sampling).")
+    max_failures_per_trial: int = _field(0, "Times a failed trial is retried before it counts as errored.")
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -122,6 +148,7 @@ class Config:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     @property
     def global_batch_size(self) -> int:
@@ -266,10 +293,42 @@ def _validate(cfg: Config, problems: list[str]) -> None:
     positive("scaling.gpus_per_worker", s.gpus_per_worker)
     if isinstance(s.use_gpu, str) and s.use_gpu != "auto":
         problems.append(f"scaling.use_gpu: must be auto, true or false; got {s.use_gpu!r}.")
+    _validate_tune(cfg, problems, positive, one_of)
     positive("run.checkpoint_every_steps", r.checkpoint_every_steps, allow_none=True)
     positive("run.keep_checkpoints", r.keep_checkpoints)
     if isinstance(r.max_failures, int) and r.max_failures < 0:
         problems.append(f"run.max_failures: must be >= 0, got {r.max_failures!r}.")
+
+
+def _validate_tune(cfg: Config, problems: list[str], positive: Any, one_of: Any) -> None:
+    t = cfg.tune
+    one_of("tune.mode", t.mode, ("max", "min"))
+    one_of("tune.scheduler", t.scheduler, SCHEDULERS)
+    one_of("tune.search_alg", t.search_alg, SEARCH_ALGS)
+    positive("tune.num_samples", t.num_samples)
+    positive("tune.max_concurrent_trials", t.max_concurrent_trials, allow_none=True)
+    positive("tune.grace_period_steps", t.grace_period_steps)
+    if isinstance(t.reduction_factor, float) and t.reduction_factor <= 1:
+        problems.append(f"tune.reduction_factor: must be greater than 1, got {t.reduction_factor!r}.")
+    for key, spec in t.search_space.items():
+        where = f"tune.search_space.{key}"
+        section, _, name = str(key).partition(".")
+        cls = SECTIONS.get(section)
+        if cls is None or section == "tune" or name not in {f.name for f in dataclasses.fields(cls)}:
+            problems.append(f"{where}: not a config field; use a dotted key such as train.lr.")
+            continue
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+            problems.append(f"{where}: expected one of {{{': ..., '.join(DISTRIBUTIONS)}: ...}}, got {spec!r}.")
+            continue
+        kind, args = next(iter(spec.items()))
+        if not isinstance(args, list) or not args:
+            problems.append(f"{where}.{kind}: expected a list of values, got {args!r}.")
+        elif kind in ("loguniform", "uniform", "randint") and len(args) != 2:
+            problems.append(f"{where}.{kind}: expected [low, high], got {args!r}.")
+        elif kind == "quniform" and len(args) != 3:
+            problems.append(f"{where}.quniform: expected [low, high, q], got {args!r}.")
+        elif kind == "grid" and t.search_alg == "optuna":
+            problems.append(f"{where}: grid entries need tune.search_alg random or grid, not optuna; use choice.")
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -251,3 +251,23 @@ def count_rows(source: Source) -> int:
                 ) from None
         return total
     return sum(t.num_rows for t in iter_tables(source))
+
+
+def check_labels(source: Source, label_column: str, num_labels: int, field: str) -> None:
+    """Fail before training on a label outside [0, num_labels), naming the file and the row."""
+    import pyarrow.compute as pc
+
+    for path in source.files:
+        single = Source(source.uri, source.filesystem, (path,), source.format, source.manifest)
+        row = 0
+        for table in iter_tables(single, batch_rows=65_536):
+            labels = table.column(label_column)
+            bad = pc.or_(pc.is_null(labels), pc.or_(pc.less(labels, 0), pc.greater_equal(labels, num_labels)))
+            if pc.any(bad).as_py():
+                i = pc.index(bad, True).as_py()
+                row_id = f" (row_id {table.column('row_id')[i].as_py()})" if "row_id" in table.column_names else ""
+                raise ValueError(
+                    f"{field}: {path!r} row {row + i}{row_id} has {label_column}={labels[i].as_py()!r}, outside "
+                    f"[0, {num_labels}); fix the data or set model.num_labels."
+                )
+            row += table.num_rows

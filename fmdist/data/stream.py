@@ -44,8 +44,12 @@ def read_shard(source: Source, index: int) -> pa.Table:
     """One whole shard, size- and sha256-checked against the manifest (errors name the shard)."""
     shard = source.manifest["shards"][index]
     path = source.files[index]
-    with source.filesystem.open_input_stream(path) as f:
-        data = f.read()
+    try:
+        with source.filesystem.open_input_stream(path) as f:
+            data = f.read()
+    except OSError as exc:
+        # The S3 client has already retried transient errors (fs.py); this is past the retry budget.
+        raise OSError(f"shard {path!r} of {source.uri} could not be read: {exc}") from exc
     return pa.concat_tables(list(decode_verified_shard(data, path, shard, source.format)))
 
 

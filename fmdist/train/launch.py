@@ -14,7 +14,7 @@ import yaml
 
 from fmdist.config import Config, from_dict
 from fmdist.data.fs import aws_env, filesystem
-from fmdist.data.sources import check_columns, count_rows, read_dataset, resolve
+from fmdist.data.sources import check_columns, check_labels, count_rows, read_dataset, resolve
 from fmdist.data.stream import ShardStream, StreamState, epoch_shards
 from fmdist.runtime import get_logger
 from fmdist.train.loop import FAIL_AT_STEP_ENV
@@ -219,8 +219,11 @@ def _train_fn_per_worker(loop_config: dict[str, Any]) -> None:
             fit(cfg, io)
 
 
-def train(cfg: Config) -> dict[str, Any]:
-    """Run (or resume) a training run on Ray; returns the summary (metrics, throughput, timings)."""
+def train(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
+    """Run (or resume) a training run on Ray; returns the summary (metrics, throughput, timings).
+
+    `callbacks` are Ray Train callbacks for the run (Tune's report callback when this is a trial).
+    """
     launch_time = time.time()
     ray_start_s = ensure_ray(cfg)
     import ray.data
@@ -240,6 +243,7 @@ def train(cfg: Config) -> dict[str, Any]:
         source = resolve(uri, f"data.{split}")
         ds = read_dataset(source)
         check_columns(ds, [cfg.data.text_column, cfg.data.label_column], f"data.{split}", uri)
+        check_labels(source, cfg.data.label_column, cfg.model.num_labels, f"data.{split}")
         num_rows[split] = count_rows(source)
         if num_rows[split] == 0:
             raise ValueError(f"data.{split}: {uri!r} has no rows; point it at a non-empty data set.")
@@ -293,6 +297,7 @@ def train(cfg: Config) -> dict[str, Any]:
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             worker_runtime_env={"env_vars": env_vars},
+            callbacks=callbacks,
         ),
         datasets=datasets,
         dataset_config=_data_config(),

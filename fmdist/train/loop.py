@@ -9,6 +9,7 @@ step (gradient_accumulation_steps iters on every rank).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -81,6 +82,18 @@ def _init_distributed() -> tuple[int, int]:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _check_same_config_on_all_ranks(cfg: Config, rank: int) -> None:
+    """Every rank must train with the same hyperparameters (a Tune trial's sampled values included).
+
+    Collective: all-gathers a digest of the config.
+    """
+    digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
+    digests: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest)
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"ranks were given different configs (digests {digests}); rank {rank} has {digest}.")
 
 
 def _seed_everything(seed: int) -> None:
@@ -247,6 +260,7 @@ def fit(cfg: Config, io: LoopIO) -> dict[str, Any]:
         timings["worker_group_s"] = time.time() - io.launch_time - sum(io.timings.values())
     rank, world_size = _init_distributed()
     log = get_logger("fmdist.train", rank)
+    _check_same_config_on_all_ranks(cfg, rank)
     on_gpu = torch.cuda.is_available()
 
     _seed_everything(cfg.train.seed)

@@ -136,3 +136,16 @@ def test_bad_inputs_get_clear_errors(tmp_path):
     weird.write_text("z")
     with pytest.raises(ValueError, match="cannot tell its format"):
         prepare([str(weird)], str(tmp_path / "o3"))
+
+
+def test_labels_outside_num_labels_are_reported_with_file_and_row(tmp_path):
+    from fmdist.data.sources import check_labels
+
+    src = tmp_path / "rows.jsonl"
+    src.write_text(
+        "".join(json.dumps({"sentence": f"s{i}", "label": 5 if i == 137 else i % 2}) + "\n" for i in range(200))
+    )
+    prepare([str(src)], str(tmp_path / "out"), rows_per_shard=100)
+    with pytest.raises(ValueError, match=r"part-00001.parquet' row 37 \(row_id 137\) has label=5, outside \[0, 2\)"):
+        check_labels(resolve(str(tmp_path / "out/train")), "label", 2, "data.train")
+    check_labels(resolve(str(tmp_path / "out/train")), "label", 6, "data.train")

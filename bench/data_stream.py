@@ -1,0 +1,121 @@
+"""The data path, side by side in one run on the same shards.
+
+1. rows/s of a raw `pyarrow.parquet.ParquetFile.iter_batches` scan;
+2. rows/s of fmdist's stream, read only (verified shards, shuffle window, micro-batches of columns);
+3. rows/s of the stream with tokenization (the model's fast tokenizer, max length 128);
+4. training samples/s with the real stream divided by samples/s with the same batches pre-loaded in
+   memory (one rank in this process, the all-MiniLM-L6-v2 model, ZeRO-2).
+
+    python bench/data_stream.py --copies 10 --steps 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import pyarrow.parquet as pq  # noqa: E402
+
+from fmdist.config import from_dict  # noqa: E402
+from fmdist.data.prepare import prepare  # noqa: E402
+from fmdist.data.sources import resolve  # noqa: E402
+from fmdist.data.stream import ShardStream  # noqa: E402
+
+
+def make_shards(copies: int, rows_per_shard: int) -> str:
+    root = tempfile.mkdtemp(prefix="fmdist-bench-data-")
+    table = pq.read_table("data/sst2/train-8k.parquet")
+    src = os.path.join(root, "src.csv")
+    import pyarrow.csv as pacsv
+
+    for _ in range(copies):
+        with open(src, "ab") as f:
+            pacsv.write_csv(table, f, pacsv.WriteOptions(include_header=_ == 0))
+    prepare([src], os.path.join(root, "shards"), rows_per_shard=rows_per_shard)
+    return os.path.join(root, "shards", "train")
+
+
+def rate(fn) -> float:
+    t0 = time.perf_counter()
+    rows = fn()
+    return rows / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--copies", type=int, default=10, help="copies of the 8,000 SST-2 rows")
+    parser.add_argument("--rows-per-shard", type=int, default=10_000)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--micro", type=int, default=32)
+    args = parser.parse_args()
+
+    from fmdist.config import ModelConfig
+    from fmdist.tasks.sequence_classification import load_tokenizer
+
+    shards = make_shards(args.copies, args.rows_per_shard)
+    source = resolve(shards)
+    tokenizer = load_tokenizer(ModelConfig())
+
+    def raw_scan() -> int:
+        n = 0
+        for path in source.files:
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=args.micro):
+                n += batch.num_rows
+        return n
+
+    def stream(tokenize: bool = False) -> int:
+        n = 0
+        s = ShardStream(source, rank=0, world_size=1, epoch=0, seed=0, shuffle=True, window_rows=1024)
+        for batch in s.batches(args.micro):
+            if tokenize:
+                tokenizer(batch["sentence"], truncation=True, max_length=128, padding="longest", return_tensors="pt")
+            n += len(batch["row_id"])
+        return n
+
+    raw = rate(raw_scan)
+    read = rate(stream)
+    tok = rate(lambda: stream(True))
+
+    from fmdist.train.loop import LoopIO, fit
+
+    cfg = from_dict(
+        {
+            "data": {"train": shards},
+            "train": {"max_steps": args.steps, "micro_batch_size": args.micro, "log_every_steps": 10**6},
+            "deepspeed": {"zero_stage": 2},
+            "scaling": {"num_workers": 1},
+        }
+    )
+    total = source.manifest["total_rows"]
+
+    def streamed(epoch: int):
+        return ShardStream(source, rank=0, world_size=1, epoch=epoch, seed=0, shuffle=True, window_rows=1024).batches(
+            args.micro
+        )
+
+    preloaded = [b for _, b in zip(range(args.steps + 2), streamed(0), strict=False)]
+    results = {}
+    for name, batches in (("preloaded", lambda epoch: iter(preloaded)), ("stream", streamed)):
+        io = LoopIO(
+            train_batches=batches, num_train_rows=total, report=lambda m, p: None, scratch_dir=tempfile.mkdtemp()
+        )
+        results[name] = fit(cfg, io)["train/steady_samples_per_s"]
+
+    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores; {total} rows in {len(source.files)} shards")
+    print(f"{'path':<40}{'rows/s':>12}{'ratio':>10}")
+    print(f"{'raw ParquetFile.iter_batches scan':<40}{raw:>12.0f}{1.0:>10.2f}")
+    print(f"{'fmdist stream, read only':<40}{read:>12.0f}{read / raw:>10.2f}  (vs raw scan)")
+    print(f"{'fmdist stream + tokenization':<40}{tok:>12.0f}{tok / raw:>10.2f}  (vs raw scan)")
+    print(f"\n{'training, pre-loaded batches':<40}{results['preloaded']:>12.1f} samples/s")
+    print(
+        f"{'training, real stream':<40}{results['stream']:>12.1f} samples/s  ratio {results['stream'] / results['preloaded']:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Hyperparameter search: Ray Tune over multi-worker DeepSpeed trials."""

@@ -1,0 +1,289 @@
+"""`fmdist tune`: a Ray Tune search whose every trial is a multi-worker DeepSpeed run (a TorchTrainer).
+
+Each trial applies its sampled values as `section.field` overrides to the run's config and goes
+through the same validation as `fmdist train`, so an invalid sample fails that trial with the
+config error instead of the search. Trials report through Ray Train's Tune callback, so ASHA sees
+every evaluation (`step` is its time axis).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from typing import Any
+
+import yaml
+
+from fmdist.config import Config, ConfigError, apply_overrides, from_dict
+from fmdist.data.fs import filesystem
+from fmdist.runtime import get_logger
+
+log = get_logger("fmdist.tune")
+TRIALS_DIR = "trials"
+
+
+def _number(value: Any) -> Any:
+    """YAML 1.1 reads `1e-5` as text; numbers in search spaces are numbers."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def param_space(search_space: dict[str, Any]) -> dict[str, Any]:
+    """The `tune.search_space` section as Ray Tune domains, keyed by dotted config key."""
+    from ray import tune
+
+    out = {}
+    for key, spec in search_space.items():
+        kind, args = next(iter(spec.items()))
+        args = [_number(a) for a in args]
+        out[key] = {
+            "loguniform": lambda a: tune.loguniform(a[0], a[1]),
+            "uniform": lambda a: tune.uniform(a[0], a[1]),
+            "quniform": lambda a: tune.quniform(a[0], a[1], a[2]),
+            "randint": lambda a: tune.randint(int(a[0]), int(a[1])),
+            "choice": lambda a: tune.choice(a),
+            "grid": lambda a: tune.grid_search(a),
+        }[kind](args)
+    return out
+
+
+def trial_config(base: dict[str, Any], params: dict[str, Any]) -> Config:
+    """The base config with a trial's values applied, validated like `fmdist train`'s."""
+    raw = apply_overrides(copy.deepcopy(base), [f"{k}={json.dumps(v)}" for k, v in params.items()])
+    return from_dict(raw, source="this trial's sampled values")
+
+
+def _trial(params: dict[str, Any], base: dict[str, Any], trials_dir: str) -> None:
+    """One trial: a whole fmdist training run with the sampled values."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from fmdist.runtime import use_cpu_accelerator_if_no_gpu
+    from fmdist.train.launch import train
+
+    use_cpu_accelerator_if_no_gpu()
+    cfg = trial_config(base, params)
+    cfg.run.name = tune.get_context().get_trial_id()  # the leaderboard's trial column names this run
+    cfg.run.storage_path = trials_dir
+    train(cfg, callbacks=[TuneReportCallback()])
+
+
+def concurrency(cfg: Config) -> tuple[int, str]:
+    """How many trials fit at once on this cluster, and the reason, printed for the user."""
+    import ray
+
+    resources = ray.cluster_resources()
+    # One CPU per trial beyond its workers: its Ray Data tasks (eval reads) must be able to run, or
+    # the trial's stream stalls while every CPU is held by training workers.
+    per_trial_cpu = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 1
+    fits = int(resources.get("CPU", 0) // per_trial_cpu)
+    why = (
+        f"the cluster has {resources.get('CPU', 0):g} CPUs and a trial takes {per_trial_cpu:g} "
+        f"({cfg.scaling.num_workers} workers + 1 for its data tasks)"
+    )
+    gpus = resources.get("GPU", 0)
+    if gpus and cfg.scaling.use_gpu is not False:
+        per_trial_gpu = cfg.scaling.num_workers * cfg.scaling.gpus_per_worker
+        if gpus // per_trial_gpu < fits:
+            fits = int(gpus // per_trial_gpu)
+            why = (
+                f"the cluster has {gpus:g} GPUs and a trial's {cfg.scaling.num_workers} workers take {per_trial_gpu:g}"
+            )
+    if cfg.tune.max_concurrent_trials is not None and cfg.tune.max_concurrent_trials < fits:
+        return cfg.tune.max_concurrent_trials, f"tune.max_concurrent_trials is {cfg.tune.max_concurrent_trials}"
+    if fits < 1:
+        raise RuntimeError(f"no trial fits: {why}. Lower scaling.num_workers or add nodes.")
+    return fits, why
+
+
+def _scheduler(cfg: Config, max_steps: int) -> Any:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if cfg.tune.scheduler == "asha":
+        return ASHAScheduler(
+            time_attr="step",
+            max_t=max_steps,
+            grace_period=cfg.tune.grace_period_steps,
+            reduction_factor=cfg.tune.reduction_factor,
+        )
+    return FIFOScheduler()
+
+
+def _search_alg(cfg: Config) -> Any:
+    if cfg.tune.search_alg == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(seed=cfg.tune.seed)
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=cfg.tune.seed)
+
+
+def leaderboard(results: Any, cfg: Config) -> list[dict[str, Any]]:
+    """Every trial: its values, status, best metric, steps, compute in worker-seconds; best first."""
+    rows = []
+    sign = 1 if cfg.tune.mode == "max" else -1
+    for result in results:
+        history = result.metrics_dataframe
+        values = (
+            history[cfg.tune.metric].dropna().tolist() if history is not None and cfg.tune.metric in history else []
+        )
+        best = (max if sign > 0 else min)(values) if values else None
+        metrics = result.metrics or {}
+        rows.append(
+            {
+                "trial": metrics.get("trial_id") or os.path.basename(result.path),
+                "status": "ERROR" if result.error else "DONE",
+                "error": str(result.error).splitlines()[0][:300] if result.error else "",
+                "best_metric": best,
+                "steps": metrics.get("step"),
+                "worker_seconds": round(metrics.get("time_total_s", 0) * cfg.scaling.num_workers, 1),
+                "config": {k: v for k, v in (result.config or {}).items()},
+                "history": [
+                    {"step": int(s), cfg.tune.metric: float(m)}
+                    for s, m in zip(history["step"], history[cfg.tune.metric], strict=True)
+                    if not math.isnan(m)
+                ]
+                if values
+                else [],
+            }
+        )
+    rows.sort(key=lambda r: (r["best_metric"] is None, -sign * (r["best_metric"] or 0)))
+    return rows
+
+
+def plot(rows: list[dict[str, Any]], metric: str, max_steps: int, path: str) -> None:
+    """Metric against step for every trial; trials stopped early end with an x before max_steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for row in rows:
+        if not row["history"]:
+            continue
+        steps = [h["step"] for h in row["history"]]
+        values = [h[metric] for h in row["history"]]
+        (line,) = ax.plot(steps, values, marker="o", markersize=3, label=row["trial"])
+        if steps[-1] < max_steps:
+            ax.plot(steps[-1], values[-1], marker="x", markersize=10, color=line.get_color())
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} per trial (x: stopped early)")
+    ax.axvline(max_steps, color="grey", linewidth=0.5, linestyle="--")
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def tune_run(cfg: Config, resume: bool = False) -> dict[str, Any]:
+    """Run (or resume) the search; writes leaderboard, best.yaml, plot and the best model to the run dir."""
+    from ray import tune
+
+    from fmdist.train.export import export
+    from fmdist.train.launch import ensure_ray, write_run_file
+    from fmdist.train.loop import total_steps
+
+    if not cfg.tune.search_space:
+        raise ConfigError(
+            ["tune.search_space: empty; give at least one key, e.g. train.lr: {loguniform: [1e-5, 1e-3]}."]
+        )
+    ensure_ray(cfg)
+    run_dir = f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
+    trials_dir = f"{run_dir}/{TRIALS_DIR}"
+    base = cfg.to_dict()
+    fits, why = concurrency(cfg)
+    log.info("search %s: %d sample(s), %d trial(s) at a time because %s; more wait as PENDING", run_dir,
+             cfg.tune.num_samples, fits, why)  # fmt: skip
+    if cfg.train.max_steps is not None:
+        max_steps = cfg.train.max_steps
+    else:
+        from fmdist.data.sources import count_rows, resolve
+        from fmdist.train.loop import LoopIO
+
+        rows = count_rows(resolve(cfg.data.train))
+        plan = LoopIO(train_batches=None, num_train_rows=rows, report=None, scratch_dir="")
+        max_steps = total_steps(cfg, plan, cfg.scaling.num_workers)
+    trainable = tune.with_parameters(_trial, base=base, trials_dir=trials_dir)
+    # The trial's own process only waits on its TorchTrainer, whose workers hold the resources.
+    trainable = tune.with_resources(trainable, {"CPU": 0})
+    fs, path = filesystem(cfg.run.storage_path)
+    storage_fs = None if fs.type_name == "local" else fs
+    storage_path = cfg.run.storage_path if storage_fs is None else path
+    tune_dir = f"{storage_path.rstrip('/')}/{cfg.run.name}/search"
+    if resume:
+        if not tune.Tuner.can_restore(tune_dir, storage_filesystem=storage_fs):
+            raise RuntimeError(f"--resume: no search to resume at {run_dir}/search; drop --resume to start one.")
+        tuner = tune.Tuner.restore(tune_dir, trainable=trainable, resume_errored=True, storage_filesystem=storage_fs)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space(cfg.tune.search_space),
+            tune_config=tune.TuneConfig(
+                metric=cfg.tune.metric,
+                mode=cfg.tune.mode,
+                num_samples=cfg.tune.num_samples,
+                max_concurrent_trials=fits,
+                scheduler=_scheduler(cfg, max_steps),
+                search_alg=_search_alg(cfg),
+            ),
+            run_config=tune.RunConfig(
+                name="search",
+                storage_path=f"{storage_path.rstrip('/')}/{cfg.run.name}",
+                storage_filesystem=storage_fs,
+                failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures_per_trial),
+            ),
+        )
+    results = tuner.fit()
+    rows = leaderboard(results, cfg)
+    write_run_file(cfg, "leaderboard.json", json.dumps(rows, indent=2, default=str))
+    fields = ["trial", "status", "best_metric", "steps", "worker_seconds", *cfg.tune.search_space, "error"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({**row, **row["config"]})
+    write_run_file(cfg, "leaderboard.csv", buf.getvalue())
+    print(format_leaderboard(rows, cfg))
+    done = [r for r in rows if r["best_metric"] is not None]
+    summary: dict[str, Any] = {"run_dir": run_dir, "leaderboard": rows}
+    if not done:
+        raise RuntimeError(f"no trial reported {cfg.tune.metric}; see {run_dir}/leaderboard.csv for the errors.")
+    best = done[0]
+    best_cfg = trial_config(base, best["config"])
+    best_cfg.run.name = f"{cfg.run.name}-best"
+    best_cfg.tune = type(best_cfg.tune)()
+    write_run_file(cfg, "best.yaml", yaml.safe_dump(best_cfg.to_dict(), sort_keys=False))
+    with tempfile.TemporaryDirectory() as scratch:
+        png = os.path.join(scratch, "trials.png")
+        plot(rows, cfg.tune.metric, max_steps, png)
+        fs, path = filesystem(f"{run_dir}/trials.png")
+        with open(png, "rb") as src, fs.open_output_stream(path) as dst:
+            dst.write(src.read())
+    export(f"{trials_dir}/{best['trial']}", f"{run_dir}/best-model")
+    summary.update(best=best, best_yaml=f"{run_dir}/best.yaml", best_model=f"{run_dir}/best-model")
+    return summary
+
+
+def format_leaderboard(rows: list[dict[str, Any]], cfg: Config) -> str:
+    keys = list(cfg.tune.search_space)
+    head = f"{'#':>3} {'trial':<28}{'status':<8}{cfg.tune.metric:>16}{'steps':>7}{'worker-s':>10}  " + "  ".join(keys)
+    lines = [f"leaderboard ({cfg.tune.mode} {cfg.tune.metric})", head]
+    for i, r in enumerate(rows, 1):
+        metric = f"{r['best_metric']:.4f}" if r["best_metric"] is not None else "-"
+        values = "  ".join(f"{r['config'].get(k)!s:.10}" for k in keys)
+        lines.append(
+            f"{i:>3} {r['trial'][:27]:<28}{r['status']:<8}{metric:>16}{r['steps'] or 0:>7}{r['worker_seconds']:>10}  {values}"
+        )
+    return "\n".join(lines)
