@@ -68,10 +68,11 @@ def ensure_ray(cfg: Config) -> float:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
-        # A local Ray gets one logical CPU more than the workers reserve: Ray Data's read and
-        # split tasks need CPU too, and with every CPU reserved by train workers the stream stalls.
+        # A local Ray gets two logical CPUs more than the workers reserve: Ray Data's read and
+        # split tasks need CPU too (with every CPU held by train workers the stream stalls), and a
+        # Tune trial's own process takes one.
         reserved = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-        num_cpus = max(os.cpu_count() or 1, int(reserved) + 1)
+        num_cpus = max(os.cpu_count() or 1, int(reserved) + 2)
         # The dashboard also serves the state API that Ray Train's placement-group cleaner polls.
         ray.init(num_cpus=num_cpus, log_to_driver=True, runtime_env={"env_vars": aws_env()})
     return time.perf_counter() - t0

@@ -25,6 +25,7 @@ from fmdist.runtime import get_logger
 
 log = get_logger("fmdist.tune")
 TRIALS_DIR = "trials"
+TRIAL_CPU = 1  # the trial's own process, which drives its TorchTrainer
 
 
 def _number(value: Any) -> Any:
@@ -82,13 +83,13 @@ def concurrency(cfg: Config) -> tuple[int, str]:
     import ray
 
     resources = ray.cluster_resources()
-    # One CPU per trial beyond its workers: its Ray Data tasks (eval reads) must be able to run, or
-    # the trial's stream stalls while every CPU is held by training workers.
-    per_trial_cpu = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 1
-    fits = int(resources.get("CPU", 0) // per_trial_cpu)
+    # A trial takes its workers' CPUs plus one for its own process (the TorchTrainer's driver), and
+    # one CPU of the cluster stays free for Ray Data's read tasks, or the trials' streams stall.
+    per_trial_cpu = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + TRIAL_CPU
+    fits = int((resources.get("CPU", 0) - 1) // per_trial_cpu)
     why = (
-        f"the cluster has {resources.get('CPU', 0):g} CPUs and a trial takes {per_trial_cpu:g} "
-        f"({cfg.scaling.num_workers} workers + 1 for its data tasks)"
+        f"the cluster has {resources.get('CPU', 0):g} CPUs, one kept for data tasks, and a trial takes "
+        f"{per_trial_cpu:g} ({cfg.scaling.num_workers} workers + 1 for the trial)"
     )
     gpus = resources.get("GPU", 0)
     if gpus and cfg.scaling.use_gpu is not False:
@@ -118,14 +119,19 @@ def _scheduler(cfg: Config, max_steps: int) -> Any:
     return FIFOScheduler()
 
 
-def _search_alg(cfg: Config) -> Any:
+def _search_alg(cfg: Config, max_concurrent: int) -> Any:
+    """The searcher, limited to `max_concurrent` live trials.
+
+    The limit must sit on the searcher itself: a trial started beyond what fits holds its own CPU
+    while its TorchTrainer waits for workers that never come (the PENDING deadlock of ray#38505).
+    """
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
     if cfg.tune.search_alg == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(seed=cfg.tune.seed)
-    from ray.tune.search import BasicVariantGenerator
-
-    return BasicVariantGenerator(random_state=cfg.tune.seed)
+        return ConcurrencyLimiter(OptunaSearch(seed=cfg.tune.seed), max_concurrent=max_concurrent)
+    return BasicVariantGenerator(random_state=cfg.tune.seed, max_concurrent=max_concurrent)
 
 
 def leaderboard(results: Any, cfg: Config) -> list[dict[str, Any]]:
@@ -145,6 +151,7 @@ def leaderboard(results: Any, cfg: Config) -> list[dict[str, Any]]:
                 "status": "ERROR" if result.error else "DONE",
                 "error": str(result.error).splitlines()[0][:300] if result.error else "",
                 "best_metric": best,
+                "final_metric": values[-1] if values else None,
                 "steps": metrics.get("step"),
                 "worker_seconds": round(metrics.get("time_total_s", 0) * cfg.scaling.num_workers, 1),
                 "config": {k: v for k, v in (result.config or {}).items()},
@@ -174,7 +181,15 @@ def plot(rows: list[dict[str, Any]], metric: str, max_steps: int, path: str) -> 
             continue
         steps = [h["step"] for h in row["history"]]
         values = [h[metric] for h in row["history"]]
-        (line,) = ax.plot(steps, values, marker="o", markersize=3, label=row["trial"])
+        label = (
+            row["trial"]
+            + " "
+            + " ".join(
+                f"{k.rsplit('.', 1)[-1]}={v:.3g}" if isinstance(v, float) else f"{k.rsplit('.', 1)[-1]}={v}"
+                for k, v in row["config"].items()
+            )
+        )
+        (line,) = ax.plot(steps, values, marker="o", markersize=3, label=label)
         if steps[-1] < max_steps:
             ax.plot(steps[-1], values[-1], marker="x", markersize=10, color=line.get_color())
     ax.set_xlabel("optimizer step")
@@ -216,8 +231,7 @@ def tune_run(cfg: Config, resume: bool = False) -> dict[str, Any]:
         plan = LoopIO(train_batches=None, num_train_rows=rows, report=None, scratch_dir="")
         max_steps = total_steps(cfg, plan, cfg.scaling.num_workers)
     trainable = tune.with_parameters(_trial, base=base, trials_dir=trials_dir)
-    # The trial's own process only waits on its TorchTrainer, whose workers hold the resources.
-    trainable = tune.with_resources(trainable, {"CPU": 0})
+    trainable = tune.with_resources(trainable, {"CPU": TRIAL_CPU})
     fs, path = filesystem(cfg.run.storage_path)
     storage_fs = None if fs.type_name == "local" else fs
     storage_path = cfg.run.storage_path if storage_fs is None else path
@@ -234,9 +248,8 @@ def tune_run(cfg: Config, resume: bool = False) -> dict[str, Any]:
                 metric=cfg.tune.metric,
                 mode=cfg.tune.mode,
                 num_samples=cfg.tune.num_samples,
-                max_concurrent_trials=fits,
                 scheduler=_scheduler(cfg, max_steps),
-                search_alg=_search_alg(cfg),
+                search_alg=_search_alg(cfg, fits),
             ),
             run_config=tune.RunConfig(
                 name="search",
