@@ -6,7 +6,7 @@
 4. training samples/s with the real stream divided by samples/s with the same batches pre-loaded in
    memory (one rank in this process, the all-MiniLM-L6-v2 model, ZeRO-2).
 
-    python bench/data_stream.py --copies 10 --steps 30
+    python bench/data_stream.py --copies 10 --steps 30 --rounds 3
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--rows-per-shard", type=int, default=10_000)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--micro", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved training rounds per variant")
     args = parser.parse_args()
 
     from fmdist.config import ModelConfig
@@ -99,22 +100,27 @@ def main() -> None:
         )
 
     preloaded = [b for _, b in zip(range(args.steps + 2), streamed(0), strict=False)]
-    results = {}
-    for name, batches in (("preloaded", lambda epoch: iter(preloaded)), ("stream", streamed)):
-        io = LoopIO(
-            train_batches=batches, num_train_rows=total, report=lambda m, p: None, scratch_dir=tempfile.mkdtemp()
-        )
-        results[name] = fit(cfg, io)["train/steady_samples_per_s"]
+    # Interleaved rounds (A B A B ...) so that drift on a shared machine hits both alike.
+    results: dict[str, list[float]] = {"preloaded": [], "stream": []}
+    for _ in range(args.rounds):
+        for name, batches in (("preloaded", lambda epoch: iter(preloaded)), ("stream", streamed)):
+            io = LoopIO(
+                train_batches=batches, num_train_rows=total, report=lambda m, p: None, scratch_dir=tempfile.mkdtemp()
+            )
+            results[name].append(fit(cfg, io)["train/steady_samples_per_s"])
+    ratios = [st / pre for st, pre in zip(results["stream"], results["preloaded"], strict=True)]
 
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores; {total} rows in {len(source.files)} shards")
     print(f"{'path':<40}{'rows/s':>12}{'ratio':>10}")
     print(f"{'raw ParquetFile.iter_batches scan':<40}{raw:>12.0f}{1.0:>10.2f}")
     print(f"{'fmdist stream, read only':<40}{read:>12.0f}{read / raw:>10.2f}  (vs raw scan)")
     print(f"{'fmdist stream + tokenization':<40}{tok:>12.0f}{tok / raw:>10.2f}  (vs raw scan)")
-    print(f"\n{'training, pre-loaded batches':<40}{results['preloaded']:>12.1f} samples/s")
-    print(
-        f"{'training, real stream':<40}{results['stream']:>12.1f} samples/s  ratio {results['stream'] / results['preloaded']:.3f}"
-    )
+    for i, ratio in enumerate(ratios):
+        print(
+            f"training round {i + 1}: pre-loaded {results['preloaded'][i]:.1f} samples/s, "
+            f"real stream {results['stream'][i]:.1f} samples/s, ratio {ratio:.3f}"
+        )
+    print(f"training, real stream / pre-loaded: mean ratio {sum(ratios) / len(ratios):.3f} over {len(ratios)} rounds")
 
 
 if __name__ == "__main__":
