@@ -18,6 +18,7 @@ Memory is bounded by one shard being read, one prefetched, and the shuffle windo
 
 from __future__ import annotations
 
+import math
 import queue
 import random
 import threading
@@ -27,7 +28,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from fmdist.data.sources import Source, decode_verified_shard
+from fmdist.config import Config
+from fmdist.data.sources import Source, decode_verified_shard, resolve
 
 PREFETCH_SHARDS = 1
 
@@ -170,3 +172,46 @@ class ShardStream:
                 batch = []
         if batch:
             yield dict(zip(self._columns, map(list, zip(*batch, strict=True)), strict=True))
+
+
+class EpochStreams:
+    """A rank's training data as the loop wants it: one ShardStream per epoch, its state, its size."""
+
+    def __init__(self, cfg: Config, rank: int, world_size: int):
+        self.cfg = cfg
+        self.rank = rank
+        self.world_size = world_size
+        self.source = resolve(cfg.data.train, "data.train")
+        self.current: ShardStream | None = None
+        self.pending: StreamState | None = None
+
+    def batches(self, epoch: int):
+        resume = self.pending if self.pending is not None and self.pending.epoch == epoch else None
+        self.pending = None
+        self.current = ShardStream(
+            self.source,
+            rank=self.rank,
+            world_size=self.world_size,
+            epoch=epoch,
+            seed=self.cfg.train.seed,
+            shuffle=self.cfg.train.shuffle,
+            window_rows=self.cfg.data.shuffle_window_rows,
+            resume=resume,
+        )
+        return self.current.batches(self.cfg.train.micro_batch_size)
+
+    def iters_per_epoch(self, epoch: int) -> int:
+        """Micro-batches of the busiest rank this epoch (ranks own whole shards, so counts differ)."""
+        shards = self.source.manifest["shards"]
+        return max(
+            math.ceil(sum(shards[i]["rows"] for i in epoch_shards(self.source, self.cfg.train.seed, epoch, r,
+                                                                   self.world_size, self.cfg.train.shuffle))
+                      / self.cfg.train.micro_batch_size)
+            for r in range(self.world_size)
+        )  # fmt: skip
+
+    def state(self) -> StreamState | None:
+        return self.current.state() if self.current is not None else None
+
+    def restore(self, state: StreamState | None) -> None:
+        self.pending = state

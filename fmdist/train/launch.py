@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 import time
@@ -15,7 +14,7 @@ import yaml
 from fmdist.config import Config, from_dict
 from fmdist.data.fs import aws_env, filesystem
 from fmdist.data.sources import check_columns, check_labels, count_rows, read_dataset, resolve
-from fmdist.data.stream import ShardStream, StreamState, epoch_shards
+from fmdist.data.stream import EpochStreams
 from fmdist.runtime import get_logger
 from fmdist.train.loop import FAIL_AT_STEP_ENV
 
@@ -115,51 +114,6 @@ def _data_config() -> Any:
     return SplitWithoutDropping()
 
 
-class StreamFactory:
-    """One resumable ShardStream per epoch over prepared training shards (see data/stream.py)."""
-
-    def __init__(self, cfg: Config, rank: int):
-        import ray.train
-
-        self.cfg = cfg
-        self.rank = rank
-        self.world_size = ray.train.get_context().get_world_size()
-        self.source = resolve(cfg.data.train, "data.train")
-        self.current: ShardStream | None = None
-        self.pending: StreamState | None = None
-
-    def batches(self, epoch: int):
-        resume = self.pending if self.pending is not None and self.pending.epoch == epoch else None
-        self.pending = None
-        self.current = ShardStream(
-            self.source,
-            rank=self.rank,
-            world_size=self.world_size,
-            epoch=epoch,
-            seed=self.cfg.train.seed,
-            shuffle=self.cfg.train.shuffle,
-            window_rows=self.cfg.data.shuffle_window_rows,
-            resume=resume,
-        )
-        return self.current.batches(self.cfg.train.micro_batch_size)
-
-    def iters_per_epoch(self, epoch: int) -> int:
-        """Micro-batches of the busiest rank this epoch (ranks own whole shards, so counts differ)."""
-        shards = self.source.manifest["shards"]
-        return max(
-            math.ceil(sum(shards[i]["rows"] for i in epoch_shards(self.source, self.cfg.train.seed, epoch, r,
-                                                                   self.world_size, self.cfg.train.shuffle))
-                      / self.cfg.train.micro_batch_size)
-            for r in range(self.world_size)
-        )  # fmt: skip
-
-    def state(self) -> StreamState | None:
-        return self.current.state() if self.current is not None else None
-
-    def restore(self, state: StreamState | None) -> None:
-        self.pending = state
-
-
 def _train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     """What every Ray Train worker runs: rebuild the config, wire Ray's data and reporting to `fit`."""
     from fmdist.runtime import use_cpu_accelerator_if_no_gpu
@@ -172,7 +126,8 @@ def _train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = from_dict(loop_config["config"])
     rank = ray.train.get_context().get_world_rank()
     eval_shard = ray.train.get_dataset_shard("eval") if loop_config["has_eval"] else None
-    stream = StreamFactory(cfg, rank) if loop_config["stream_train"] else None
+    world_size = ray.train.get_context().get_world_size()
+    stream = EpochStreams(cfg, rank, world_size) if loop_config["stream_train"] else None
     train_shard = None if stream else ray.train.get_dataset_shard("train")
 
     def train_batches(epoch: int):

@@ -114,3 +114,26 @@ def test_memory_is_bounded_by_shards_and_window_not_data_size(tmp_path):
     assert large["data_mb"] > 200
     assert large["increase_mb"] < small["increase_mb"] + 30, results
     assert large["increase_mb"] < large["data_mb"] / 2, results
+
+
+def test_epoch_streams_plan_the_busiest_ranks_micro_batches_and_resume(shards):
+    """World size 2: the step plan equals what the busiest rank really streams."""
+    from fmdist.config import from_dict
+    from fmdist.data.stream import EpochStreams
+
+    cfg = from_dict({"data": {"train": shards.uri, "shuffle_window_rows": 50}, "train": {"micro_batch_size": 8}})
+    ranks = [EpochStreams(cfg, rank, 2) for rank in (0, 1)]
+    for epoch in (0, 1):
+        counts = [len(list(r.batches(epoch))) for r in ranks]
+        assert ranks[0].iters_per_epoch(epoch) == max(counts)
+    # A saved state is handed to the next batches() call of its own epoch only.
+    it = ranks[0].batches(1)
+    for _ in range(3):
+        next(it)
+    state = copy.deepcopy(ranks[0].state())
+    rest = [b["row_id"] for b in it]
+    ranks[0].restore(state)
+    assert [b["row_id"] for b in ranks[0].batches(1)] == rest
+    ranks[0].restore(state)  # a state of epoch 1 does not leak into epoch 2
+    fresh = EpochStreams(cfg, 0, 2)
+    assert [b["row_id"] for b in ranks[0].batches(2)] == [b["row_id"] for b in fresh.batches(2)]
