@@ -162,6 +162,18 @@ def redact_columns(columns: Columns, redactor: Redactor) -> Columns:
     return out
 
 
+def _int_stats(table: pa.Table) -> dict[str, dict[str, int | None]]:
+    """min, max and null count of every integer column, so that checks such as the label range
+    before training need not read shards whose values are all in range."""
+    stats = {}
+    for name in table.column_names:
+        column = table.column(name)
+        if pa.types.is_integer(column.type):
+            bounds = pc.min_max(column).as_py()
+            stats[name] = {"min": bounds["min"], "max": bounds["max"], "nulls": column.null_count}
+    return stats
+
+
 @dataclass
 class ShardWriter:
     """Buffers one shard of rows, writes it, and records rows, bytes and sha256 for the manifest."""
@@ -211,7 +223,13 @@ class ShardWriter:
         with self.fs.open_output_stream(f"{self.directory}/{name}") as f:
             f.write(data)
         self.shards.append(
-            {"path": name, "rows": table.num_rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            {
+                "path": name,
+                "rows": table.num_rows,
+                "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "int_stats": _int_stats(table),
+            }
         )
         self._buffer, self._buffered = [], 0
 

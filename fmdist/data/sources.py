@@ -254,10 +254,18 @@ def count_rows(source: Source) -> int:
 
 
 def check_labels(source: Source, label_column: str, num_labels: int, field: str) -> None:
-    """Fail before training on a label outside [0, num_labels), naming the file and the row."""
+    """Fail before training on a label outside [0, num_labels), naming the file and the row.
+
+    Prepared shards carry per-shard label statistics in their manifest: only a shard whose
+    statistics are out of range (or that has none) is read, to find the row.
+    """
     import pyarrow.compute as pc
 
-    for path in source.files:
+    for index, path in enumerate(source.files):
+        if source.manifest is not None:
+            stats = source.manifest["shards"][index].get("int_stats", {}).get(label_column)
+            if stats and not stats["nulls"] and stats["min"] >= 0 and stats["max"] < num_labels:
+                continue
         single = Source(source.uri, source.filesystem, (path,), source.format, source.manifest)
         row = 0
         for table in iter_tables(single, batch_rows=65_536):

@@ -146,6 +146,21 @@ def test_labels_outside_num_labels_are_reported_with_file_and_row(tmp_path):
         "".join(json.dumps({"sentence": f"s{i}", "label": 5 if i == 137 else i % 2}) + "\n" for i in range(200))
     )
     prepare([str(src)], str(tmp_path / "out"), rows_per_shard=100)
+    manifest = json.loads((tmp_path / "out/train/manifest.json").read_text())
+    assert [s["int_stats"]["label"]["max"] for s in manifest["shards"]] == [1, 5]
+    # The in-range shard is not read: deleting it does not change the answer.
+    (tmp_path / "out/train/part-00000.parquet").unlink()
     with pytest.raises(ValueError, match=r"part-00001.parquet' row 37 \(row_id 137\) has label=5, outside \[0, 2\)"):
-        check_labels(resolve(str(tmp_path / "out/train")), "label", 2, "data.train")
-    check_labels(resolve(str(tmp_path / "out/train")), "label", 6, "data.train")
+        check_labels(resolve_unchecked(tmp_path / "out/train"), "label", 2, "data.train")
+    check_labels(resolve_unchecked(tmp_path / "out/train"), "label", 6, "data.train")
+
+
+def resolve_unchecked(directory: Path):
+    """A prepared source without resolve()'s check that every shard exists."""
+    import pyarrow.fs as pafs
+
+    from fmdist.data.sources import Source
+
+    manifest = json.loads((directory / "manifest.json").read_text())
+    files = tuple(str(directory / s["path"]) for s in manifest["shards"])
+    return Source(str(directory), pafs.LocalFileSystem(), files, manifest["format"], manifest)
