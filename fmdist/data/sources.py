@@ -203,36 +203,52 @@ def check_columns(ds: ray.data.Dataset, columns: list[str], field: str, uri: str
         )
 
 
-def iter_tables(source: Source, batch_rows: int = 1024):
-    """Single-process read of a source in file order (for evaluating exported models without Ray)."""
+def read_shard(source: Source, index: int) -> pa.Table:
+    """One whole prepared shard, size- and sha256-checked against the manifest (errors name the shard)."""
+    shard = source.manifest["shards"][index]
+    path = source.files[index]
+    try:
+        with source.filesystem.open_input_stream(path) as f:
+            data = f.read()
+    except OSError as exc:
+        # The S3 client has already retried transient errors (fs.py); this is past the retry budget.
+        raise OSError(f"shard {path!r} of {source.uri} could not be read: {exc}") from exc
+    return pa.concat_tables(list(decode_verified_shard(data, path, shard, source.format)))
+
+
+def _file_tables(source: Source, index: int, batch_rows: int):
+    """Tables of one file of a source, in row order (prepared shards are verified first)."""
     import pyarrow.json as pajson
 
-    for path in source.files:
-        if source.manifest is not None:
-            with source.filesystem.open_input_stream(path) as f:
-                data = f.read()
-            shard = next(s for s in source.manifest["shards"] if path.endswith("/" + s["path"]))
-            for table in decode_verified_shard(data, path, shard, source.format):
-                yield from (pa.Table.from_batches([b]) for b in table.to_batches(max_chunksize=batch_rows))
-            continue
-        try:
-            if source.format == "parquet":
-                with source.filesystem.open_input_file(path) as f:
-                    for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows):
-                        yield pa.Table.from_batches([batch])
-                continue
-            with source.filesystem.open_input_stream(path) as f:
-                if source.format == "arrow":
-                    table = pa.ipc.open_file(pa.BufferReader(f.read())).read_all()
-                elif source.format == "jsonl":
-                    table = pajson.read_json(f)
-                else:
-                    parse = pacsv.ParseOptions(delimiter="\t", quote_char=False) if source.format == "tsv" else None
-                    table = pacsv.read_csv(f, parse_options=parse)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise ValueError(f"cannot read {path!r} as {source.format}: {exc}") from None
-        for batch in table.to_batches(max_chunksize=batch_rows):
+    path = source.files[index]
+    if source.manifest is not None:
+        for batch in read_shard(source, index).to_batches(max_chunksize=batch_rows):
             yield pa.Table.from_batches([batch])
+        return
+    try:
+        if source.format == "parquet":
+            with source.filesystem.open_input_file(path) as f:
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows):
+                    yield pa.Table.from_batches([batch])
+            return
+        with source.filesystem.open_input_stream(path) as f:
+            if source.format == "arrow":
+                table = pa.ipc.open_file(pa.BufferReader(f.read())).read_all()
+            elif source.format == "jsonl":
+                table = pajson.read_json(f)
+            else:
+                parse = pacsv.ParseOptions(delimiter="\t", quote_char=False) if source.format == "tsv" else None
+                table = pacsv.read_csv(f, parse_options=parse)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ValueError(f"cannot read {path!r} as {source.format}: {exc}") from None
+    for batch in table.to_batches(max_chunksize=batch_rows):
+        yield pa.Table.from_batches([batch])
+
+
+def iter_tables(source: Source, batch_rows: int = 1024):
+    """Single-process read of a source in file order (for evaluating exported models without Ray)."""
+    for index in range(len(source.files)):
+        yield from _file_tables(source, index, batch_rows)
 
 
 def count_rows(source: Source) -> int:
@@ -266,9 +282,8 @@ def check_labels(source: Source, label_column: str, num_labels: int, field: str)
             stats = source.manifest["shards"][index].get("int_stats", {}).get(label_column)
             if stats and not stats["nulls"] and stats["min"] >= 0 and stats["max"] < num_labels:
                 continue
-        single = Source(source.uri, source.filesystem, (path,), source.format, source.manifest)
         row = 0
-        for table in iter_tables(single, batch_rows=65_536):
+        for table in _file_tables(source, index, batch_rows=65_536):
             labels = table.column(label_column)
             bad = pc.or_(pc.is_null(labels), pc.or_(pc.less(labels, 0), pc.greater_equal(labels, num_labels)))
             if pc.any(bad).as_py():

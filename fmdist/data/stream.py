@@ -29,7 +29,7 @@ from typing import Any
 import pyarrow as pa
 
 from fmdist.config import Config
-from fmdist.data.sources import Source, decode_verified_shard, resolve
+from fmdist.data.sources import Source, read_shard, resolve
 
 PREFETCH_SHARDS = 1
 
@@ -40,19 +40,6 @@ def epoch_shards(source: Source, seed: int, epoch: int, rank: int, world_size: i
     if shuffle:
         random.Random(seed * 1_000_003 + epoch).shuffle(order)
     return order[rank::world_size]
-
-
-def read_shard(source: Source, index: int) -> pa.Table:
-    """One whole shard, size- and sha256-checked against the manifest (errors name the shard)."""
-    shard = source.manifest["shards"][index]
-    path = source.files[index]
-    try:
-        with source.filesystem.open_input_stream(path) as f:
-            data = f.read()
-    except OSError as exc:
-        # The S3 client has already retried transient errors (fs.py); this is past the retry budget.
-        raise OSError(f"shard {path!r} of {source.uri} could not be read: {exc}") from exc
-    return pa.concat_tables(list(decode_verified_shard(data, path, shard, source.format)))
 
 
 @dataclass
