@@ -46,11 +46,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     from fmdist import config
     from fmdist.runtime import use_cpu_accelerator_if_no_gpu
-    from fmdist.tune.search import tune_run
+    from fmdist.tune.search import SearchInterrupted, tune_run
 
     cfg = config.load(args.config, args.overrides)
     use_cpu_accelerator_if_no_gpu()
-    summary = tune_run(cfg, resume=args.resume)
+    try:
+        summary = tune_run(cfg, resume=args.resume)
+    except SearchInterrupted as exc:
+        print(f"fmdist tune: {exc}", file=sys.stderr)
+        return 130
     best = summary["best"]
     print(f"\nbest trial {best['trial']}: {cfg.tune.metric} = {best['best_metric']:.4f} with {best['config']}")
     print(f"leaderboard  {summary['run_dir']}/leaderboard.csv (and .json), plot {summary['run_dir']}/trials.png")

@@ -114,7 +114,10 @@ class RunConfig:
     max_failures: int = _field(0, "Worker-group restarts Ray Train attempts (each resumes from the latest checkpoint).")
 
 
-SCHEDULERS = ("fifo", "asha")
+SCHEDULERS = ("fifo", "asha", "pbt")
+PBT_MUTABLE = ("train.lr", "train.weight_decay")
+"""What PBT may change when a trial continues from another's checkpoint: the restored optimizer and LR
+schedule take new values (loop.apply_hyperparameters); shapes, batch layout and ZeRO stage cannot."""
 SEARCH_ALGS = ("random", "grid", "optuna")
 DISTRIBUTIONS = ("loguniform", "uniform", "quniform", "randint", "choice", "grid")
 
@@ -132,9 +135,26 @@ class TuneConfig:
     max_concurrent_trials: int | None = _field(
         None, "Trials at once; by default as many as the cluster's CPUs/GPUs fit."
     )
-    scheduler: str = _field("fifo", f"Trial scheduler: one of {', '.join(SCHEDULERS)} (asha stops weak trials early).")
+    scheduler: str = _field(
+        "fifo",
+        f"Trial scheduler: one of {', '.join(SCHEDULERS)} (asha stops weak trials early; pbt copies strong "
+        "trials' checkpoints into weak ones and perturbs their hyperparameters).",
+    )
     grace_period_steps: int = _field(1, "ASHA: optimizer steps a trial runs before it can be stopped.")
     reduction_factor: float = _field(2.0, "ASHA: keep 1/reduction_factor of the trials at each rung.")
+    perturbation_interval_steps: int | None = _field(
+        None, "PBT (required): optimizer steps per round; trials are compared and exploited at every round's end."
+    )
+    pbt_mutations: list[str] = _field(
+        [],
+        f"PBT: search_space keys to perturb (of {', '.join(PBT_MUTABLE)}); empty: every search_space key.",
+    )
+    quantile_fraction: float = _field(
+        0.25, "PBT: the bottom fraction of trials copy a trial from the top fraction at each round's end."
+    )
+    resample_probability: float = _field(
+        0.25, "PBT: chance that a perturbed value is drawn anew from search_space instead of scaled by 0.8 or 1.2."
+    )
     search_alg: str = _field("random", f"How configurations are proposed: one of {', '.join(SEARCH_ALGS)}.")
     seed: int | None = _field(None, "Seeds the search (random/optuna sampling).")
     max_failures_per_trial: int = _field(0, "Times a failed trial is retried before it counts as errored.")
@@ -329,6 +349,49 @@ def _validate_tune(cfg: Config, problems: list[str], positive: Any, one_of: Any)
             problems.append(f"{where}.quniform: expected [low, high, q], got {args!r}.")
         elif kind == "grid" and t.search_alg == "optuna":
             problems.append(f"{where}: grid entries need tune.search_alg random or grid, not optuna; use choice.")
+    if t.scheduler == "pbt":
+        _validate_pbt(t, problems)
+        if cfg.train.max_steps is None:
+            problems.append(
+                "train.max_steps: PBT rounds need a fixed budget of optimizer steps (the LR schedule spans all "
+                "rounds); set it, e.g. train.max_steps=1000."
+            )
+
+
+def pbt_mutations(t: TuneConfig) -> list[str]:
+    """The keys PBT perturbs: `pbt_mutations`, or every mutable key of the search space.
+
+    Other search_space keys (e.g. deepspeed.zero_stage) set a trial's starting point only; a trial
+    that copies another takes those values with the checkpoint.
+    """
+    return list(t.pbt_mutations) or [k for k in t.search_space if k in PBT_MUTABLE]
+
+
+def _validate_pbt(t: TuneConfig, problems: list[str]) -> None:
+    if t.perturbation_interval_steps is None or t.perturbation_interval_steps <= 0:
+        problems.append(
+            f"tune.perturbation_interval_steps: PBT needs a positive number of steps per round, got "
+            f"{t.perturbation_interval_steps!r}; e.g. the eval interval."
+        )
+    if t.search_alg == "optuna":
+        problems.append("tune.search_alg: pbt proposes its own configurations; use random or grid, not optuna.")
+    for key in t.pbt_mutations:
+        if key not in PBT_MUTABLE:
+            problems.append(
+                f"tune.pbt_mutations: {key!r} cannot change mid-run; PBT may perturb {', '.join(PBT_MUTABLE)}."
+            )
+        elif key not in t.search_space:
+            problems.append(f"tune.pbt_mutations: {key!r} is not in tune.search_space; add its distribution there.")
+    mutations = pbt_mutations(t)
+    if not mutations:
+        problems.append(
+            f"tune.search_space: PBT needs at least one of {', '.join(PBT_MUTABLE)} to perturb; add e.g. "
+            "train.lr: {loguniform: [1e-5, 1e-3]}."
+        )
+    if not 0 < t.quantile_fraction <= 0.5:
+        problems.append(f"tune.quantile_fraction: must be in (0, 0.5], got {t.quantile_fraction!r}.")
+    if not 0 <= t.resample_probability <= 1:
+        problems.append(f"tune.resample_probability: must be in [0, 1], got {t.resample_probability!r}.")
 
 
 def parse_override(text: str) -> tuple[str, Any]:

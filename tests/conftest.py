@@ -106,10 +106,11 @@ def s3_bucket(s3_endpoint) -> str:
 
 @pytest.fixture(scope="session")
 def ray_cluster(s3_endpoint):
-    """One local Ray for the whole session: 2 train workers plus CPU left for Ray Data's tasks."""
+    """One local Ray for the whole session. 8 logical CPUs: two Tune trials of 2 workers at once (a PBT
+    population: 2 x (2 workers + the trial's process)), plus CPU left for Ray Data's tasks."""
     import ray
 
-    ray.init(num_cpus=4, log_to_driver=True)
+    ray.init(num_cpus=8, log_to_driver=True)
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -54,10 +54,11 @@ def check_resumable(cfg: Config) -> bool:
     return has_snapshot
 
 
-def ensure_ray(cfg: Config) -> float:
+def ensure_ray(cfg: Config, trials_at_once: int = 1) -> float:
     """Join the cluster (RAY_ADDRESS or inside `ray job submit`) or start a local Ray in-process.
 
-    Returns the seconds spent starting Ray.
+    A local Ray is sized for `trials_at_once` runs of `scaling.num_workers` (a PBT population needs
+    two). Returns the seconds spent starting Ray.
     """
     import ray
 
@@ -67,11 +68,11 @@ def ensure_ray(cfg: Config) -> float:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
-        # A local Ray gets two logical CPUs more than the workers reserve: Ray Data's read and
-        # split tasks need CPU too (with every CPU held by train workers the stream stalls), and a
-        # Tune trial's own process takes one.
-        reserved = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-        num_cpus = max(os.cpu_count() or 1, int(reserved) + 2)
+        # A local Ray gets one logical CPU per run on top of its workers (the Tune trial's process),
+        # and one more: Ray Data's read and split tasks need CPU too (with every CPU held by train
+        # workers the stream stalls).
+        reserved = trials_at_once * (cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 1)
+        num_cpus = max(os.cpu_count() or 1, int(reserved) + 1)
         # The dashboard also serves the state API that Ray Train's placement-group cleaner polls.
         ray.init(num_cpus=num_cpus, log_to_driver=True, runtime_env={"env_vars": aws_env()})
     return time.perf_counter() - t0
@@ -154,7 +155,13 @@ def _train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         )
 
     scratch = tempfile.mkdtemp(prefix="fmdist-ckpt-")
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = ray.train.get_checkpoint()  # this run's own latest (after a worker failure or relaunch)
+    from_elsewhere = checkpoint is None and loop_config["restore_from"] is not None
+    if from_elsewhere:
+        # Another run's checkpoint (a PBT round continuing its own or a donor trial's): every worker
+        # reads all of it, as after a restart.
+        fs, path = filesystem(loop_config["restore_from"])
+        checkpoint = ray.train.Checkpoint(path, filesystem=fs)
     io = LoopIO(
         train_batches=train_batches,
         num_train_rows=loop_config["num_train_rows"],
@@ -166,6 +173,8 @@ def _train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         restore_data_state=stream.restore if stream else None,
         launch_time=loop_config["launch_time"],
         timings=loop_config["timings"],
+        stop_at_step=loop_config["stop_at_step"],
+        fingerprint_restore=from_elsewhere,
     )
     if checkpoint is None:
         fit(cfg, io)
@@ -175,10 +184,14 @@ def _train_fn_per_worker(loop_config: dict[str, Any]) -> None:
             fit(cfg, io)
 
 
-def train(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
+def train(
+    cfg: Config, callbacks: list | None = None, restore_from: str | None = None, stop_at_step: int | None = None
+) -> dict[str, Any]:
     """Run (or resume) a training run on Ray; returns the summary (metrics, throughput, timings).
 
     `callbacks` are Ray Train callbacks for the run (Tune's report callback when this is a trial).
+    `restore_from` is another run's checkpoint (URI) to start from when this run has none of its own;
+    `stop_at_step` pauses the run there with a checkpoint, the LR schedule unchanged (a PBT round).
     """
     launch_time = time.time()
     ray_start_s = ensure_ray(cfg)
@@ -238,6 +251,8 @@ def train(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
             "stream_train": stream_train,
             "launch_time": launch_time,
             "timings": {"ray_start_s": ray_start_s},
+            "restore_from": restore_from,
+            "stop_at_step": stop_at_step,
         },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(

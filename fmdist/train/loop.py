@@ -67,6 +67,10 @@ class LoopIO:
     """time.time() when the launcher started, for the time-to-first-step breakdown."""
     timings: dict[str, float] = field(default_factory=dict)
     """Launcher-side timings (e.g. Ray start) to fold into the time-to-first-step breakdown."""
+    stop_at_step: int | None = None
+    """Pause here (checkpoint and return) without shortening the LR schedule: a PBT round ends here."""
+    fingerprint_restore: bool = False
+    """After restoring, report a checksum of the restored weights (proves a PBT exploit loaded the donor's)."""
 
 
 def _init_distributed() -> tuple[int, int]:
@@ -249,6 +253,46 @@ def load_checkpoint(engine: Any, path: str, io: LoopIO) -> dict[str, Any]:
     return client_state
 
 
+def apply_hyperparameters(engine: Any, scheduler: Any, cfg: Config, log: Any) -> None:
+    """Make the restored optimizer and LR schedule follow this run's `train.lr` and `train.weight_decay`.
+
+    A checkpoint carries the optimizer's param groups and the scheduler's base LRs. For a plain resume
+    they equal the config; after a PBT exploit the config holds perturbed values, and the schedule
+    continues at the restored step with the new peak LR.
+    """
+    groups = scheduler.optimizer.param_groups
+    old_lr, old_wd = scheduler.base_lrs[0], groups[0]["weight_decay"]
+    if (old_lr, old_wd) == (cfg.train.lr, cfg.train.weight_decay):
+        return
+    scheduler.base_lrs = [cfg.train.lr] * len(groups)
+    for group, lr_lambda in zip(groups, scheduler.lr_lambdas, strict=True):
+        group["lr"] = cfg.train.lr * lr_lambda(scheduler.last_epoch)
+    groups[0]["weight_decay"] = cfg.train.weight_decay  # group 1 (biases, norms) never decays
+    log.info(
+        "hyperparameters differ from the checkpoint's: lr %.3g -> %.3g, weight_decay %.3g -> %.3g; "
+        "the schedule continues from step %d",
+        old_lr, cfg.train.lr, old_wd, cfg.train.weight_decay, scheduler.last_epoch,
+    )  # fmt: skip
+
+
+def weights_checksum(engine: Any) -> dict[str, float]:
+    """Sum and sum of squares of every trainable fp32 weight, gathered across ZeRO partitions.
+
+    Collective under ZeRO (each parameter is assembled from every rank's fragment); every rank gets
+    the same numbers. Comparable with the same sums over a consolidated checkpoint.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    total = torch.zeros(2, dtype=torch.float64)
+    for param in engine.module.parameters():
+        if not param.requires_grad:
+            continue
+        full = safe_get_full_fp32_param(param)
+        full = (param.data if full is None else full).detach().double().cpu()
+        total += torch.stack([full.sum(), (full * full).sum()])
+    return {"sum": total[0].item(), "sum_sq": total[1].item()}
+
+
 def fit(cfg: Config, io: LoopIO) -> dict[str, Any]:
     """Fine-tune per `cfg` on this rank; returns the final metrics (same on every rank)."""
     import deepspeed
@@ -290,13 +334,20 @@ def fit(cfg: Config, io: LoopIO) -> dict[str, Any]:
 
     step, epoch, iters_done = 0, 0, 0
     skip_iters = 0  # batches to read and discard on resume when the data source cannot seek
+    restored: dict[str, Any] = {}  # reported with every event of this run
     if io.restore_dir is not None:
         state = load_checkpoint(engine, io.restore_dir, io)
         step, epoch, iters_done = state["step"], state["epoch"], state["iters_in_epoch"]
         skip_iters = 0 if state["data_restored"] else iters_done
+        apply_hyperparameters(engine, scheduler, cfg, log)
         log.info("resumed from %s at step %d (epoch %d, iter %d)", io.restore_dir, step, epoch + 1, iters_done)
-    if step >= num_steps:
-        log.info("checkpoint is already at step %d of %d; nothing to train", step, num_steps)
+        restored["restore/step"] = step
+        if io.fingerprint_restore:
+            checksum = weights_checksum(engine)
+            restored.update({"restore/weights_sum": checksum["sum"], "restore/weights_sum_sq": checksum["sum_sq"]})
+    end_step = num_steps if io.stop_at_step is None else min(num_steps, io.stop_at_step)
+    if step >= end_step:
+        log.info("checkpoint is already at step %d of %d; nothing to train", step, end_step)
     log.info(
         "training %s on %d worker(s): %d steps (%d per epoch), global batch %d = %d micro x %d accumulation x %d "
         "workers, ZeRO-%d, %s, %d training rows",
@@ -304,6 +355,9 @@ def fit(cfg: Config, io: LoopIO) -> dict[str, Any]:
         cfg.train.gradient_accumulation_steps, world_size, cfg.deepspeed.zero_stage, cfg.deepspeed.precision,
         io.num_train_rows,
     )  # fmt: skip
+    if end_step < num_steps:
+        log.info("this run pauses at step %d of %d (checkpointed; the LR schedule spans all %d)", end_step,
+                 num_steps, num_steps)  # fmt: skip
 
     placeholder = _placeholder_rows(cfg)
     fail_at_step = int(os.environ.get(FAIL_AT_STEP_ENV, 0)) if io.restore_dir is None else None
@@ -322,7 +376,7 @@ def fit(cfg: Config, io: LoopIO) -> dict[str, Any]:
     def report(event_metrics: dict[str, Any], checkpoint: bool) -> None:
         state = {"step": step, "epoch": epoch, "iters_in_epoch": iters_done}
         path = save_checkpoint(engine, io, cfg, tokenizer, state, eval_metrics) if checkpoint else None
-        io.report({"step": step, "epoch": epoch, **event_metrics}, path)
+        io.report({"step": step, "epoch": epoch, **restored, **event_metrics}, path)
 
     def eval_and_report(checkpoint: bool, extra: dict[str, Any] | None = None) -> None:
         nonlocal eval_metrics
@@ -339,14 +393,14 @@ def fit(cfg: Config, io: LoopIO) -> dict[str, Any]:
 
     # With `epochs`, stop after the last epoch even if the step plan was an estimate; with `max_steps`,
     # run as many epochs as it takes.
-    while step < num_steps and (cfg.train.max_steps is not None or epoch < cfg.train.epochs):
+    while step < end_step and (cfg.train.max_steps is not None or epoch < cfg.train.epochs):
         batches = iter(io.train_batches(epoch))
         # Mid-epoch resume from a source without a saved position: skip what was trained on.
         for _ in range(skip_iters):
             next(batches, None)
         skip_iters = 0
         epoch_iters = _joined(batches, device)
-        while step < num_steps:
+        while step < end_step:
             rows = next(epoch_iters, _EPOCH_OVER)
             at_boundary = (iters_done + 1) % accum == 0
             if rows is _EPOCH_OVER:
@@ -379,7 +433,7 @@ def fit(cfg: Config, io: LoopIO) -> dict[str, Any]:
                 timings["first_step_s"] = first_step_end - train_start
                 timings["time_to_first_step_s"] = time.perf_counter() - t_enter + timings.get("worker_group_s", 0.0)
                 first_step_pending = False
-            if step % cfg.train.log_every_steps == 0 or step == num_steps:
+            if step % cfg.train.log_every_steps == 0 or step == end_step:
                 # Collective + host sync: global loss and throughput over the window.
                 dist.all_reduce(window)
                 loss_sum, n_iters, n_rows, n_tokens = window.tolist()
@@ -392,21 +446,21 @@ def fit(cfg: Config, io: LoopIO) -> dict[str, Any]:
                     "step %d/%d (%.1f%%) | epoch %d | loss %.4f | lr %.2e | %.1f samples/s | %.0f tokens/s | ETA %s",
                     step, num_steps, 100 * step / num_steps, epoch + 1, last_train_loss,
                     engine.get_lr()[0], n_rows / elapsed, n_tokens / elapsed,
-                    _fmt_duration((num_steps - step) / rate),
+                    _fmt_duration((end_step - step) / rate),
                 )  # fmt: skip
                 window.zero_()
                 window_start = time.perf_counter()
             do_eval = cfg.train.eval_every_steps is not None and step % cfg.train.eval_every_steps == 0
             do_ckpt = checkpoint_every is not None and step % checkpoint_every == 0
-            if step < num_steps and do_eval:
+            if step < end_step and do_eval:
                 eval_and_report(checkpoint=do_ckpt or checkpoint_every is None)
-            elif step < num_steps and do_ckpt:
+            elif step < end_step and do_ckpt:
                 report({"train/loss": last_train_loss}, checkpoint=True)
-        if step >= num_steps:
+        if step >= end_step:
             break
         epoch += 1
         iters_done = 0
-        if cfg.train.eval_every_steps is None and step < num_steps:
+        if cfg.train.eval_every_steps is None and step < end_step:
             eval_and_report(checkpoint=checkpoint_every is None)
 
     now = time.perf_counter()

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from typing import Any
 
 import yaml
@@ -109,6 +110,10 @@ def concurrency(cfg: Config) -> tuple[int, str]:
 def _scheduler(cfg: Config, max_steps: int) -> Any:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+    if cfg.tune.scheduler == "pbt":
+        from fmdist.tune.pbt import scheduler
+
+        return scheduler(cfg, max_steps)
     if cfg.tune.scheduler == "asha":
         return ASHAScheduler(
             time_attr="step",
@@ -145,6 +150,11 @@ def leaderboard(results: Any, cfg: Config) -> list[dict[str, Any]]:
         )
         best = (max if sign > 0 else min)(values) if values else None
         metrics = result.metrics or {}
+        lineage = []
+        if result.checkpoint is not None and cfg.tune.scheduler == "pbt":
+            from fmdist.tune.pbt import read_pointer
+
+            lineage = read_pointer(result.checkpoint)["lineage"]
         rows.append(
             {
                 "trial": metrics.get("trial_id") or os.path.basename(result.path),
@@ -155,9 +165,12 @@ def leaderboard(results: Any, cfg: Config) -> list[dict[str, Any]]:
                 "steps": metrics.get("step"),
                 "worker_seconds": round(metrics.get("time_total_s", 0) * cfg.scaling.num_workers, 1),
                 "config": {k: v for k, v in (result.config or {}).items()},
+                "checkpoint": metrics.get("checkpoint_uri"),
+                "lineage": lineage,
+                # time_s: the trial's own seconds (Tune's time_total_s) when it reported this value.
                 "history": [
-                    {"step": int(s), cfg.tune.metric: float(m)}
-                    for s, m in zip(history["step"], history[cfg.tune.metric], strict=True)
+                    {"step": int(s), cfg.tune.metric: float(m), "time_s": round(float(t), 2)}
+                    for s, m, t in zip(history["step"], history[cfg.tune.metric], history["time_total_s"], strict=True)
                     if not math.isnan(m)
                 ]
                 if values
@@ -202,6 +215,10 @@ def plot(rows: list[dict[str, Any]], metric: str, max_steps: int, path: str) -> 
     plt.close(fig)
 
 
+class SearchInterrupted(RuntimeError):
+    """The driver was stopped (Ctrl+C, SIGINT) before every trial ended; `--resume` continues it."""
+
+
 def tune_run(cfg: Config, resume: bool = False) -> dict[str, Any]:
     """Run (or resume) the search; writes leaderboard, best.yaml, plot and the best model to the run dir."""
     from ray import tune
@@ -214,13 +231,21 @@ def tune_run(cfg: Config, resume: bool = False) -> dict[str, Any]:
         raise ConfigError(
             ["tune.search_space: empty; give at least one key, e.g. train.lr: {loguniform: [1e-5, 1e-3]}."]
         )
-    ensure_ray(cfg)
+    pbt = cfg.tune.scheduler == "pbt"
+    # PBT compares trials that run at once: a local Ray gets logical CPUs for a population of two.
+    ensure_ray(cfg, trials_at_once=2 if pbt else 1)
     run_dir = f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
     trials_dir = f"{run_dir}/{TRIALS_DIR}"
     base = cfg.to_dict()
     fits, why = concurrency(cfg)
     log.info("search %s: %d sample(s), %d trial(s) at a time because %s; more wait as PENDING", run_dir,
              cfg.tune.num_samples, fits, why)  # fmt: skip
+    if pbt and fits < 2:
+        raise RuntimeError(f"PBT needs at least 2 trials running at once to compare, but {why}; lower "
+                           "scaling.num_workers, raise tune.max_concurrent_trials, or add nodes.")  # fmt: skip
+    if pbt and cfg.tune.num_samples > fits:
+        log.warning("PBT: the population is the %d trials that run at once; the other %d start as those finish "
+                    "and are compared among themselves", fits, cfg.tune.num_samples - fits)  # fmt: skip
     if cfg.train.max_steps is not None:
         max_steps = cfg.train.max_steps
     else:
@@ -230,7 +255,12 @@ def tune_run(cfg: Config, resume: bool = False) -> dict[str, Any]:
         rows = count_rows(resolve(cfg.data.train))
         plan = LoopIO(train_batches=None, num_train_rows=rows, report=None, scratch_dir="")
         max_steps = total_steps(cfg, plan, cfg.scaling.num_workers)
-    trainable = tune.with_parameters(_trial, base=base, trials_dir=trials_dir)
+    if pbt:
+        from fmdist.tune.pbt import trial as pbt_trial
+
+        trainable = tune.with_parameters(pbt_trial, base=base, trials_dir=trials_dir, max_steps=max_steps)
+    else:
+        trainable = tune.with_parameters(_trial, base=base, trials_dir=trials_dir)
     trainable = tune.with_resources(trainable, {"CPU": TRIAL_CPU})
     fs, path = filesystem(cfg.run.storage_path)
     storage_fs = None if fs.type_name == "local" else fs
@@ -258,7 +288,20 @@ def tune_run(cfg: Config, resume: bool = False) -> dict[str, Any]:
                 failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures_per_trial),
             ),
         )
+    t0 = time.perf_counter()
     results = tuner.fit()
+    search_wall_s = time.perf_counter() - t0
+    # A trial that ended (completed or stopped by its scheduler) has done=True in its last result; one
+    # stopped by an interrupt has not, and trials the searcher never started are missing altogether.
+    expected = cfg.tune.num_samples * math.prod(
+        len(spec["grid"]) for spec in cfg.tune.search_space.values() if "grid" in spec
+    )
+    ended = sum(1 for r in results if r.error is not None or (r.metrics or {}).get("done"))
+    if ended < expected:
+        raise SearchInterrupted(
+            f"search {run_dir} stopped with {ended} of {expected} trial(s) ended; its state is "
+            "saved. Continue it with the same command plus --resume (finished trials are not run again)."
+        )
     rows = leaderboard(results, cfg)
     write_run_file(cfg, "leaderboard.json", json.dumps(rows, indent=2, default=str))
     fields = ["trial", "status", "best_metric", "steps", "worker_seconds", *cfg.tune.search_space, "error"]
@@ -270,21 +313,29 @@ def tune_run(cfg: Config, resume: bool = False) -> dict[str, Any]:
     write_run_file(cfg, "leaderboard.csv", buf.getvalue())
     print(format_leaderboard(rows, cfg))
     done = [r for r in rows if r["best_metric"] is not None]
-    summary: dict[str, Any] = {"run_dir": run_dir, "leaderboard": rows}
+    summary: dict[str, Any] = {"run_dir": run_dir, "leaderboard": rows, "search_wall_s": search_wall_s}
     if not done:
         raise RuntimeError(f"no trial reported {cfg.tune.metric}; see {run_dir}/leaderboard.csv for the errors.")
     best = done[0]
     best_cfg = trial_config(base, best["config"])
     best_cfg.run.name = f"{cfg.run.name}-best"
     best_cfg.tune = type(best_cfg.tune)()
-    write_run_file(cfg, "best.yaml", yaml.safe_dump(best_cfg.to_dict(), sort_keys=False))
+    header = ""
+    if pbt:
+        header = (
+            "# PBT: the best trial's hyperparameters at its end. Its model was trained with a schedule of values\n"
+            "# and copied checkpoints (leaderboard.json has its lineage), so a fresh run of this file is a\n"
+            "# baseline, not a reproduction; best-model/ is that trial's model.\n"
+        )
+    write_run_file(cfg, "best.yaml", header + yaml.safe_dump(best_cfg.to_dict(), sort_keys=False))
     with tempfile.TemporaryDirectory() as scratch:
         png = os.path.join(scratch, "trials.png")
         plot(rows, cfg.tune.metric, max_steps, png)
         fs, path = filesystem(f"{run_dir}/trials.png")
         with open(png, "rb") as src, fs.open_output_stream(path) as dst:
             dst.write(src.read())
-    export(f"{trials_dir}/{best['trial']}", f"{run_dir}/best-model")
+    # A PBT trial's model is its last round's checkpoint; other trials are one Train run named by trial.
+    export(best["checkpoint"] or f"{trials_dir}/{best['trial']}", f"{run_dir}/best-model")
     summary.update(best=best, best_yaml=f"{run_dir}/best.yaml", best_model=f"{run_dir}/best-model")
     return summary
 

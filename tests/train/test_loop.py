@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from fmdist.config import from_dict
 from fmdist.train.loop import STATE_FILE, LoopIO, fit
 from tests.conftest import TINY_MODEL, sentiment_rows
@@ -60,3 +62,54 @@ def test_fit_runs_in_process_and_learns(tmp_path):
     state = json.loads((Path(last_path) / STATE_FILE).read_text())
     assert (state["step"], state["epoch"], state["iters_in_epoch"]) == (21, 2, 14)  # end of the 3rd epoch
     assert (Path(last_path) / "hf" / "config.json").is_file() and (Path(last_path) / "rng_rank0.pt").is_file()
+
+
+def test_pause_at_step_keeps_the_schedule_and_a_restore_takes_new_hyperparameters(tmp_path):
+    """A run paused at step 4 and continued equals the uninterrupted run (the LR schedule spans all 8
+    steps either way); continuing with another lr (a PBT exploit) rescales the schedule, and the
+    restored weights' checksum equals the checkpoint's consolidated weights."""
+    import torch
+
+    from fmdist.train.export import consolidated_state_dict
+
+    raw = {
+        "model": dict(TINY_MODEL),
+        "data": {"train": "unused-by-the-loop"},
+        "train": {"max_steps": 8, "micro_batch_size": 8, "lr": 3e-3, "shuffle": False, "log_every_steps": 4},
+        "deepspeed": {"zero_stage": 2},
+        "scaling": {"num_workers": 1},
+    }
+    rows = micro_batches(sentiment_rows(64, seed=5), 8)
+
+    def run(name: str, cfg_raw: dict, stop: int | None = None, restore: str | None = None) -> list:
+        reports: list[tuple[dict, str | None]] = []
+        io = LoopIO(
+            train_batches=lambda epoch: iter(rows),
+            num_train_rows=64,
+            report=lambda metrics, path: reports.append((metrics, path)),
+            scratch_dir=str(tmp_path / name),
+            restore_dir=restore,
+            stop_at_step=stop,
+            fingerprint_restore=restore is not None,
+        )
+        fit(from_dict(cfg_raw), io)
+        return reports
+
+    whole = run("whole", raw)[-1]
+    paused = run("paused", raw, stop=4)[-1]
+    assert paused[0]["step"] == 4
+    resumed = run("resumed", raw, restore=paused[1])[-1]
+    assert resumed[0]["step"] == 8 and resumed[0]["restore/step"] == 4
+    at_pause = consolidated_state_dict(paused[1])
+    floats = [t.double() for t in at_pause.values() if t.is_floating_point()]
+    assert resumed[0]["restore/weights_sum"] == pytest.approx(sum(t.sum().item() for t in floats), rel=1e-12)
+    assert resumed[0]["restore/weights_sum_sq"] == pytest.approx(sum((t * t).sum().item() for t in floats), rel=1e-12)
+    a, b = consolidated_state_dict(whole[1]), consolidated_state_dict(resumed[1])
+    assert max((a[k] - b[k]).abs().max().item() for k in a if a[k].is_floating_point()) < 1e-6
+
+    faster = {**raw, "train": {**raw["train"], "lr": 6e-3, "weight_decay": 0.05}}
+    perturbed = run("perturbed", faster, restore=paused[1])[-1]
+    states = torch.load(Path(perturbed[1]) / "ds" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert states["lr_scheduler"]["base_lrs"] == [6e-3, 6e-3]
+    c = consolidated_state_dict(perturbed[1])
+    assert max((a[k] - c[k]).abs().max().item() for k in a if a[k].is_floating_point()) > 1e-4
