@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import csv
 import io
+import itertools
 import json
 import math
 import os
@@ -182,7 +183,8 @@ def leaderboard(results: Any, cfg: Config) -> list[dict[str, Any]]:
 
 
 def plot(rows: list[dict[str, Any]], metric: str, max_steps: int, path: str) -> None:
-    """Metric against step for every trial; trials stopped early end with an x before max_steps."""
+    """Metric against step for every trial; trials stopped early end with an x before max_steps, and a
+    PBT trial that copied another's checkpoint shows a diamond at the donor's value where it did."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -205,9 +207,16 @@ def plot(rows: list[dict[str, Any]], metric: str, max_steps: int, path: str) -> 
         (line,) = ax.plot(steps, values, marker="o", markersize=3, label=label)
         if steps[-1] < max_steps:
             ax.plot(steps[-1], values[-1], marker="x", markersize=10, color=line.get_color())
+        lineage = row.get("lineage") or []
+        for before, segment in itertools.pairwise(lineage):
+            if segment["trial"] == row["trial"] and before["trial"] != row["trial"]:
+                donor = next((r for r in rows if r["trial"] == before["trial"]), None)
+                at = [h[metric] for h in (donor or {}).get("history", []) if h["step"] == segment["from_step"]]
+                if at:
+                    ax.plot(segment["from_step"], at[0], marker="D", markersize=7, color=line.get_color())
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(metric)
-    ax.set_title(f"{metric} per trial (x: stopped early)")
+    ax.set_title(f"{metric} per trial (x: stopped early; diamond: copied a stronger trial)")
     ax.axvline(max_steps, color="grey", linewidth=0.5, linestyle="--")
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()

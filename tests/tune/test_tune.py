@@ -1,4 +1,4 @@
-"""An ASHA search of 4 trials x 2 workers (world size 2 each), one trial at a time on this machine."""
+"""An ASHA search of 4 trials x 2 workers (world size 2 each), two trials at a time on the test cluster."""
 
 from __future__ import annotations
 
