@@ -83,6 +83,10 @@ def round_name(trial_id: str, step: int, restore_from: str | None, params: dict[
     return f"{trial_id}-s{step:06d}-{hashlib.sha256(key.encode()).hexdigest()[:6]}"
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def trial(params: dict[str, Any], base: dict[str, Any], trials_dir: str, max_steps: int) -> None:
     """One PBT trial (Tune's function trainable): rounds until `max_steps`, each reported with a pointer."""
     from fmdist.runtime import use_cpu_accelerator_if_no_gpu
@@ -110,14 +114,14 @@ def trial(params: dict[str, Any], base: dict[str, Any], trials_dir: str, max_ste
             "restored_from": pointer["checkpoint"],
             "checkpoint": summary["checkpoint"],
             "params": params,
-            **{k: v for k, v in summary.items() if k.startswith("restore/")},
+            **{k: v for k, v in summary.items() if k.startswith(("restore/", "eval/")) and _is_number(v)},
         }
         pointer = {
             "checkpoint": summary["checkpoint"],
             "step": summary["step"],
             "lineage": [*pointer["lineage"], segment],
         }
-        metrics = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        metrics = {k: v for k, v in summary.items() if _is_number(v)}
         with tempfile.TemporaryDirectory() as directory:
             (Path(directory) / POINTER_FILE).write_text(json.dumps(pointer, indent=2, default=str))
             tune.report(

@@ -196,6 +196,12 @@ def plot(rows: list[dict[str, Any]], metric: str, max_steps: int, path: str) -> 
             continue
         steps = [h["step"] for h in row["history"]]
         values = [h[metric] for h in row["history"]]
+        lineage = row.get("lineage") or []
+        if lineage and all(metric in segment for segment in lineage):
+            # PBT: the path of the model this trial ended with, through any trial it copied (Tune keeps
+            # only the trial's own results since its last exploit).
+            steps = [segment["to_step"] for segment in lineage]
+            values = [segment[metric] for segment in lineage]
         label = (
             row["trial"]
             + " "
@@ -207,13 +213,9 @@ def plot(rows: list[dict[str, Any]], metric: str, max_steps: int, path: str) -> 
         (line,) = ax.plot(steps, values, marker="o", markersize=3, label=label)
         if steps[-1] < max_steps:
             ax.plot(steps[-1], values[-1], marker="x", markersize=10, color=line.get_color())
-        lineage = row.get("lineage") or []
         for before, segment in itertools.pairwise(lineage):
-            if segment["trial"] == row["trial"] and before["trial"] != row["trial"]:
-                donor = next((r for r in rows if r["trial"] == before["trial"]), None)
-                at = [h[metric] for h in (donor or {}).get("history", []) if h["step"] == segment["from_step"]]
-                if at:
-                    ax.plot(segment["from_step"], at[0], marker="D", markersize=7, color=line.get_color())
+            if segment["trial"] == row["trial"] and before["trial"] != row["trial"] and metric in before:
+                ax.plot(before["to_step"], before[metric], marker="D", markersize=7, color=line.get_color())
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} per trial (x: stopped early; diamond: copied a stronger trial)")

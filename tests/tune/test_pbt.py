@@ -48,6 +48,7 @@ def test_pbt_exploit_continues_from_the_donors_zero3_checkpoint(sentiment_data, 
     assert (donor_round["from_step"], donor_round["to_step"]) == (0, 10)
     assert own_round["trial"] == weak["trial"] and own_round["restored_from"] == donor_round["checkpoint"]
     assert (own_round["from_step"], own_round["restore/step"], own_round["to_step"]) == (10, 10, 20)
+    assert own_round["eval/loss"] == pytest.approx(weak["final_metric"])  # the plot draws the lineage
     # The donor's lr perturbed by 0.8 or 1.2 (resample_probability 0).
     assert own_round["params"]["train.lr"] / donor_round["params"]["train.lr"] in (
         pytest.approx(0.8),
