@@ -97,12 +97,12 @@ def trial(params: dict[str, Any], base: dict[str, Any], trials_dir: str, max_ste
     trial_id = tune.get_context().get_trial_id()
     checkpoint = tune.get_checkpoint()  # its own last round's, or a donor's after an exploit
     pointer = read_pointer(checkpoint) if checkpoint else {"checkpoint": None, "step": 0, "lineage": []}
+    cfg = trial_config(base, params)
+    cfg.run.storage_path = trials_dir
+    interval = cfg.tune.perturbation_interval_steps
     while pointer["step"] < max_steps:
         start = pointer["step"]
-        cfg = trial_config(base, params)
-        interval = cfg.tune.perturbation_interval_steps
         cfg.run.name = round_name(trial_id, start, pointer["checkpoint"], params)
-        cfg.run.storage_path = trials_dir
         summary = train(cfg, restore_from=pointer["checkpoint"], stop_at_step=(start // interval + 1) * interval)
         if summary["step"] <= start:
             raise RuntimeError(f"PBT round {cfg.run.name} made no progress from step {start}; see its log.")

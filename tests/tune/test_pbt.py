@@ -10,20 +10,16 @@ import pytest
 from fmdist.config import from_dict
 from fmdist.train.export import consolidated_state_dict
 from fmdist.tune.search import tune_run
-from tests.conftest import TINY_MODEL
 
 pytestmark = [pytest.mark.usefixtures("ray_cluster"), pytest.mark.slow]
 
 
-def test_pbt_exploit_continues_from_the_donors_zero3_checkpoint(sentiment_data, tmp_path):
-    raw = {
-        "model": dict(TINY_MODEL),
-        "data": {"train": sentiment_data["train"], "eval": sentiment_data["eval"]},
-        "train": {"max_steps": 20, "micro_batch_size": 8, "lr": 5e-3, "log_every_steps": 10, "shuffle": False},
-        "deepspeed": {"zero_stage": 3},
-        "scaling": {"num_workers": 2},
-        "run": {"name": "pbt", "storage_path": str(tmp_path / "runs")},
-        "tune": {
+def test_pbt_exploit_continues_from_the_donors_zero3_checkpoint(tiny_config):
+    raw = tiny_config(
+        train={"max_steps": 20, "log_every_steps": 10},
+        deepspeed={"zero_stage": 3},
+        run={"name": "pbt"},
+        tune={
             # Two learning rates far apart: after round 1 the weaker trial copies the stronger one.
             "search_space": {"train.lr": {"grid": [5e-3, 1e-6]}},
             "metric": "eval/loss",
@@ -34,7 +30,7 @@ def test_pbt_exploit_continues_from_the_donors_zero3_checkpoint(sentiment_data, 
             "quantile_fraction": 0.5,
             "resample_probability": 0.0,
         },
-    }
+    )
     summary = tune_run(from_dict(raw))
     rows = {r["trial"]: r for r in summary["leaderboard"]}
     assert len(rows) == 2 and all(r["status"] == "DONE" and r["steps"] == 20 for r in rows.values())
