@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
 from fmdist.config import ConfigError
 
 
-def _print_summary(summary: dict[str, Any]) -> None:
-    from fmdist.eval.metrics import format_report
+def _print_summary(summary: dict[str, Any], task_name: str) -> None:
+    from fmdist import tasks
 
     timings = summary.get("timings", {})
     print("\n=== fmdist run summary ===")
@@ -26,8 +28,10 @@ def _print_summary(summary: dict[str, Any]) -> None:
     if timings:
         parts = ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in timings.items() if k != "time_to_first_step_s")
         print(f"time to first step {timings.get('time_to_first_step_s', float('nan')):.1f} s ({parts})")
+    if summary.get("train/words_cut"):
+        print(f"truncated words    {summary['train/words_cut']:.0f} of {summary['train/words']:.0f} (raise data.max_length)")
     if summary.get("eval"):
-        print("\n" + format_report(summary["eval"]))
+        print("\n" + tasks.get(task_name).format_report(summary["eval"]))
     print(f"\nnext: fmdist export {summary['run_dir']} ./exported-model")
 
 
@@ -39,7 +43,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = config.load(args.config, args.overrides)
     use_cpu_accelerator_if_no_gpu()
     summary = train(cfg)
-    _print_summary(summary)
+    _print_summary(summary, cfg.model.task)
     return 0
 
 
@@ -67,38 +71,54 @@ def cmd_export(args: argparse.Namespace) -> int:
     from fmdist.runtime import use_cpu_accelerator_if_no_gpu
 
     use_cpu_accelerator_if_no_gpu()
+    from fmdist.predict import task_of
     from fmdist.train.export import export
 
     out = export(args.run, args.out_dir)
-    print(f"exported a Hugging Face model to {out} (load it with AutoModelForSequenceClassification.from_pretrained)")
+    task = task_of(out)
+    print(
+        f"exported a Hugging Face model to {out} (load it with transformers.{task.export_class}.from_pretrained, "
+        f'or pipeline("{task.pipeline_tag}", model="{out}"))'
+    )
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from fmdist.predict import load, predict
+    from fmdist.predict import predict, task_of
 
-    texts = list(args.text or [])
-    if args.file:
-        texts += [line.rstrip("\n") for line in Path(args.file).read_text().splitlines() if line.strip()]
-    if not texts:
-        print("fmdist predict: give --text TEXT (repeatable) or --file FILE with one text per line.", file=sys.stderr)
-        return 2
-    model, tokenizer = load(args.model_dir)
-    for text, pred in zip(texts, predict(model, tokenizer, texts), strict=True):
+    task = task_of(args.model_dir)
+    if task.name == "image-classification":
+        inputs = list(args.image or [])
+        if not inputs:
+            print("fmdist predict: this is an image model; give --image FILE (repeatable).", file=sys.stderr)
+            return 2
+    else:
+        inputs = list(args.text or [])
+        if args.file:
+            inputs += [line.rstrip("\n") for line in Path(args.file).read_text().splitlines() if line.strip()]
+        if not inputs:
+            print("fmdist predict: give --text TEXT (repeatable) or --file FILE with one text per line.", file=sys.stderr)
+            return 2
+    for item, pred in zip(inputs, predict(args.model_dir, inputs), strict=True):
         if args.json:
-            print(json.dumps({"text": text, **pred}))
+            print(json.dumps({"input": item, **pred}))
+        elif "entities" in pred:
+            found = "  ".join(
+                f"[{e['entity']} {item[e['start'] : e['end']]!r} {e['start']}:{e['end']} {e['score']:.2f}]"
+                for e in pred["entities"]
+            )
+            print(f"{item}\n    {found or '(no entities)'}")
         else:
-            probs = "  ".join(f"{k}={v:.3f}" for k, v in pred["probabilities"].items())
-            print(f"{pred['label']:<12} {probs}  | {text}")
+            probs = "  ".join(f"{k}={v:.3f}" for k, v in list(pred["probabilities"].items())[:5])
+            print(f"{pred['label']:<12} {probs}  | {item}")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from fmdist.eval.metrics import format_report
-    from fmdist.predict import evaluate
+    from fmdist.predict import evaluate, task_of
 
     metrics = evaluate(args.model_dir, args.data, args.text_column, args.label_column, args.max_length)
-    print(format_report(metrics))
+    print(task_of(args.model_dir).format_report(metrics))
     if args.output:
         Path(args.output).write_text(json.dumps(metrics, indent=2))
         print(f"\nwrote {args.output}")
@@ -142,6 +162,7 @@ def cmd_config_reference(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fmdist", description="Fine-tune foundation models on Ray with DeepSpeed.")
+    parser.add_argument("--debug", action="store_true", help=f"print tracebacks of errors (or set {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="fine-tune per a YAML config (resumes a run with the same name)")
@@ -160,10 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("predict", help="print labels and probabilities from an exported model")
+    p = sub.add_parser("predict", help="print labels, entities or classes from an exported model")
     p.add_argument("model_dir")
-    p.add_argument("--text", action="append", help="a text to classify (repeatable)")
+    p.add_argument("--text", action="append", help="a text to classify or tag (repeatable)")
     p.add_argument("--file", help="a file with one text per line")
+    p.add_argument("--image", action="append", help="an image file to classify (repeatable)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_predict)
 
@@ -171,8 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir")
     p.add_argument("--data", required=True, help="file, glob or directory of shards (local or s3://)")
     p.add_argument("--output", help="write the metrics as JSON here")
-    p.add_argument("--text-column", default="sentence")
-    p.add_argument("--label-column", default="label")
+    p.add_argument("--text-column", help="input column (default: the task's, e.g. sentence, tokens, image)")
+    p.add_argument("--label-column", help="label column (default: the task's, e.g. label, tags)")
     p.add_argument("--max-length", type=int, default=128)
     p.set_defaults(func=cmd_eval)
 
@@ -193,15 +215,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DEBUG_ENV = "FMDIST_DEBUG"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         return args.func(args)
     except ConfigError as exc:
         print(f"fmdist {args.command}: config error: {exc}", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"fmdist {args.command}: error: {exc}", file=sys.stderr)
+        # A one-line message for the user's mistakes; an internal bug must not hide behind it.
+        if debug:
+            traceback.print_exc()
+        hint = "" if debug else f"\n(run with --debug or {DEBUG_ENV}=1 for the traceback)"
+        print(f"fmdist {args.command}: error: {exc}{hint}", file=sys.stderr)
         return 1
 
 

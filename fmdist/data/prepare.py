@@ -1,9 +1,11 @@
 """`fmdist prepare`: raw files -> (de-identified) Parquet or Arrow shards with a manifest.
 
-Reads CSV, TSV (unquoted, like SST-2), JSONL, CoNLL column files and plain text as streams, so memory
-is bounded by one shard whatever the input size. Every row gets a stable `row_id` (its position in
-the inputs), a seeded split decides train or eval, and each split directory gets a `manifest.json`
-with the schema, per-shard rows, bytes and sha256, the sources, and what de-identification did.
+Reads CSV, TSV (unquoted, like SST-2), JSONL, CoNLL column files, plain text and image folders (one
+sub-folder per class, as torchvision's ImageFolder) as streams, so memory is bounded by one shard
+whatever the input size. Every row gets a stable `row_id` (its position in the inputs), a seeded split
+decides train or eval, and each split directory gets a `manifest.json` with the schema, per-shard
+rows, bytes and sha256, the sources, the label names and task the data suggests, and what
+de-identification did.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from PIL import Image, UnidentifiedImageError
 
 from fmdist import __version__
 from fmdist.data.deid import Redactor
@@ -29,6 +32,9 @@ from fmdist.data.fs import filesystem
 from fmdist.data.sources import MANIFEST
 
 INPUT_FORMATS = ("csv", "tsv", "jsonl", "conll", "text")
+IMAGE_FOLDER = "imagefolder"  # what a directory input is read as; not an --input-format choice
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+TASK_HINTS = {IMAGE_FOLDER: "image-classification", "conll": "token-classification"}
 OUTPUT_FORMATS = {"parquet": ".parquet", "arrow": ".arrow"}
 BATCH_ROWS = 1024
 
@@ -132,6 +138,121 @@ def _read_text(fs: pafs.FileSystem, path: str) -> Iterator[Columns]:
         yield {"text": batch}
 
 
+@dataclass(frozen=True)
+class ImageFolder:
+    """A directory with one sub-folder per class, listed once: file names only, no image bytes."""
+
+    uri: str
+    filesystem: pafs.FileSystem
+    root: str
+    classes: tuple[str, ...]
+    """Class folder names, sorted."""
+    images: tuple[tuple[str, str], ...]
+    """(path relative to `root` with `/` separators, class name), class by class, each class sorted by path."""
+
+
+def scan_image_folder(uri: str) -> ImageFolder:
+    """List an image-folder input: its class sub-folders and, under each (recursively), its image files.
+
+    Hidden files and folders (a leading `.`, such as `.ipynb_checkpoints`) are skipped, as are files
+    without an image suffix and files directly under `uri`, as torchvision's ImageFolder does.
+
+    Raises:
+        ValueError: naming `uri` when it has no class sub-folders, or a class folder holds no images.
+    """
+    fs, root = filesystem(uri)
+    top = fs.get_file_info(pafs.FileSelector(root))
+    classes = sorted(i.base_name for i in top if i.type == pafs.FileType.Directory and not i.base_name.startswith("."))
+    if not classes:
+        raise ValueError(
+            f"input {uri!r} is a directory with no class sub-folders; an image-folder input needs one sub-folder "
+            f"per class holding that class's images (e.g. {uri.rstrip('/')}/cat/001.png). To prepare data files, "
+            "pass the files themselves."
+        )
+    images: list[tuple[str, str]] = []
+    for name in classes:
+        infos = fs.get_file_info(pafs.FileSelector(f"{root}/{name}", recursive=True))
+        relatives = (i.path[len(root) + 1 :] for i in infos if i.type == pafs.FileType.File)
+        found = sorted(
+            r
+            for r in relatives
+            if r.lower().endswith(IMAGE_SUFFIXES) and not any(p.startswith(".") for p in r.split("/"))
+        )
+        if not found:
+            raise ValueError(
+                f"input {uri!r}: class folder {name!r} holds no images ({', '.join(IMAGE_SUFFIXES)}); "
+                "add its images or remove the folder."
+            )
+        images += [(relative, name) for relative in found]
+    return ImageFolder(uri, fs, root, tuple(classes), tuple(images))
+
+
+def _checked_image(folder: ImageFolder, relative: str) -> bytes:
+    """The file's bytes, unchanged, after Pillow has decoded them (so training never meets a bad image)."""
+    where = f"{folder.uri.rstrip('/')}/{relative}"
+    try:
+        with folder.filesystem.open_input_stream(f"{folder.root}/{relative}") as f:
+            data = f.read()
+    except OSError as exc:
+        raise ValueError(f"image {where!r} cannot be read ({exc}); check its permissions or remove it.") from None
+    try:
+        # verify() checks structure and checksums without decoding (a PNG cut short fails here); load()
+        # decodes the pixels (broken pixel data fails here). verify() spends the image, hence two opens.
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+    except Exception as exc:  # Pillow raises many types for a bad file (OSError, SyntaxError, struct.error, ...)
+        why = (
+            "no image format matches it" if isinstance(exc, UnidentifiedImageError) else f"{type(exc).__name__}: {exc}"
+        )
+        raise ValueError(
+            f"image {where!r} is corrupt or not an image ({why}); replace or delete that file, then run fmdist "
+            "prepare again."
+        ) from None
+    return data
+
+
+def read_image_folder(folder: ImageFolder, class_index: dict[str, int]) -> Iterator[Columns]:
+    """Batches of `image` (encoded bytes), `label` (index of the class in `class_index`) and `path`."""
+    batch: Columns = {"image": [], "label": [], "path": []}
+    for relative, name in folder.images:
+        batch["image"].append(_checked_image(folder, relative))
+        batch["label"].append(class_index[name])
+        batch["path"].append(relative)
+        if len(batch["path"]) == BATCH_ROWS:
+            yield batch
+            batch = {"image": [], "label": [], "path": []}
+    if batch["path"]:
+        yield batch
+
+
+def input_kind(uri: str, fmt: str | None = None) -> str:
+    """IMAGE_FOLDER for a directory, else the file's format: `fmt` when given, or inferred."""
+    fs, path = filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        if fmt is not None:
+            raise ValueError(
+                f"input {uri!r} is a directory, which is read as an image folder (one sub-folder per class); "
+                f"--input-format {fmt} applies to files: pass the files, or drop --input-format."
+            )
+        return IMAGE_FOLDER
+    if info.type != pafs.FileType.File:
+        raise ValueError(f"input {uri!r} does not exist or is not a file.")
+    return fmt or infer_format(uri, fs, path)
+
+
+def label_names(kind: str | None, names: set[str]) -> list[str] | None:
+    """The label vocabulary for the manifest: class folders sorted; CoNLL tags with "O" first, then sorted;
+    None for other kinds of input (or a mix of kinds)."""
+    if kind == IMAGE_FOLDER:
+        return sorted(names)
+    if kind == "conll":
+        return ["O", *sorted(names - {"O"})] if "O" in names else sorted(names)
+    return None
+
+
 def read_input(uri: str, fmt: str | None = None) -> Iterator[Columns]:
     """Batches of columns from one input file, streamed."""
     fs, path = filesystem(uri)
@@ -150,7 +271,10 @@ def read_input(uri: str, fmt: str | None = None) -> Iterator[Columns]:
 
 
 def redact_columns(columns: Columns, redactor: Redactor) -> Columns:
-    """Redact every text value; lists of tokens are redacted token by token, so alignment is kept."""
+    """Redact every text value; lists of tokens are redacted token by token, so alignment is kept.
+
+    Binary values (encoded images) and numbers are left as they are.
+    """
     out: Columns = {}
     for name, values in columns.items():
         if values and all(isinstance(v, str) or v is None for v in values):
@@ -245,13 +369,32 @@ def prepare(
     seed: int = 0,
     input_format: str | None = None,
 ) -> dict[str, dict]:
-    """Write shards and manifests under `output`/train (and `output`/eval); returns the manifests."""
+    """Write shards and manifests under `output`/train (and `output`/eval); returns the manifests.
+
+    An input that is a directory is read as an image folder: one sub-folder per class, giving rows of
+    `image` (the file's encoded bytes, unchanged), `label` (the class's index among all inputs' class
+    folders, sorted by name) and `path` (relative to the folder). Each manifest records `label_names`
+    (class folders, or the CoNLL tag vocabulary of all inputs with "O" first; None for other inputs) and
+    `task_hint` ("image-classification", "token-classification" or None).
+    """
     if output_format not in OUTPUT_FORMATS:
         raise ValueError(f"--format {output_format!r}: must be parquet or arrow.")
     if rows_per_shard <= 0:
         raise ValueError(f"--rows-per-shard {rows_per_shard}: must be greater than 0.")
     if not 0 <= eval_fraction < 1:
         raise ValueError(f"--eval-fraction {eval_fraction}: must be in [0, 1).")
+    # Every input is checked, and image folders listed, before anything is written.
+    kinds = {uri: input_kind(uri, input_format) for uri in inputs}
+    folders = {uri: scan_image_folder(uri) for uri, kind in kinds.items() if kind == IMAGE_FOLDER}
+    if folders and len(folders) != len(kinds):
+        files = [uri for uri in kinds if uri not in folders]
+        raise ValueError(
+            f"inputs mix image folders {list(folders)} and files {files}; prepare one kind of data per output directory."
+        )
+    # Class indices over all folders, so that the same class has the same label in every input and split.
+    classes = sorted({name for folder in folders.values() for name in folder.classes})
+    class_index = {name: i for i, name in enumerate(classes)}
+    names = set(classes)
     fs, root = filesystem(output)
     splits = ["train", "eval"] if eval_fraction > 0 else ["train"]
     writers = {}
@@ -262,7 +405,11 @@ def prepare(
     rng = random.Random(seed)
     next_row_id = 0
     for uri in inputs:
-        for columns in read_input(uri, input_format):
+        batches = read_image_folder(folders[uri], class_index) if uri in folders else read_input(uri, kinds[uri])
+        for columns in batches:
+            if kinds[uri] == "conll":
+                # The tag vocabulary of all inputs, so train and eval manifests carry the same list.
+                names.update(tag for sentence in columns["tags"] for tag in sentence)
             n = len(next(iter(columns.values())))
             if redactor is not None:
                 columns = redact_columns(columns, redactor)
@@ -277,6 +424,7 @@ def prepare(
             writers["train"].add(table.filter(pc.invert(is_eval)), uri)
     if next_row_id == 0:
         raise ValueError(f"inputs {inputs} hold no rows; nothing to prepare.")
+    kind = kinds[inputs[0]] if len(set(kinds.values())) == 1 else None
     manifests = {}
     for split, writer in writers.items():
         writer.flush()
@@ -289,6 +437,8 @@ def prepare(
             "total_rows": sum(s["rows"] for s in writer.shards),
             "shards": writer.shards,
             "sources": list(inputs),
+            "label_names": label_names(kind, names),
+            "task_hint": TASK_HINTS.get(kind),
             "split_rule": {"eval_fraction": eval_fraction, "seed": seed},
             "deidentification": redactor.report() if redactor else {"enabled": False},
         }

@@ -1,7 +1,13 @@
-"""Resolve `data.train` / `data.eval` to files and read them as Ray Data datasets.
+"""Resolve `data.train` / `data.eval` to shards, and read them.
 
 One resolver for every location: pyarrow's filesystem layer handles local paths and s3:// URIs alike,
 so a directory, a glob or a single file means the same thing on a laptop and on a cluster.
+
+Every source is a list of shards with row counts, which is all the resumable stream needs:
+- a directory written by `fmdist prepare`: its manifest's shards (sha256-checked on every read);
+- plain Parquet / Arrow files: each row group (record batch) is a shard, counted from the file's
+  metadata without reading any rows;
+- other formats (CSV, TSV, JSONL, CoNLL, text) are prepared once into a cache (data/inputs.py).
 """
 
 from __future__ import annotations
@@ -10,17 +16,12 @@ import fnmatch
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
-import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from fmdist.data.fs import filesystem
-
-if TYPE_CHECKING:
-    import ray.data
 
 MANIFEST = "manifest.json"
 SUFFIX_FORMATS = {
@@ -32,7 +33,11 @@ SUFFIX_FORMATS = {
     ".tsv": "tsv",
     ".jsonl": "jsonl",
     ".json": "jsonl",
+    ".conll": "conll",
+    ".txt": "text",
 }
+SHARD_FORMATS = ("parquet", "arrow")
+"""Formats read in place; the others are prepared into shards first."""
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,13 @@ class Source:
     files: tuple[str, ...]
     format: str
     manifest: dict | None = None
-    """The `fmdist prepare` manifest when the location is a prepared directory (shard checksums)."""
+    """Shards and schema: the `fmdist prepare` manifest (with checksums) for a prepared directory, or
+    one made from the files' metadata (`prepared: false`) for plain Parquet/Arrow; None for formats
+    that must be prepared first."""
+
+    @property
+    def prepared(self) -> bool:
+        return self.manifest is not None and self.manifest.get("prepared", True)
 
 
 def _format_of(path: str) -> str | None:
@@ -76,6 +87,11 @@ def resolve(uri: str, field: str = "data.train") -> Source:
             )
         if info.type == pafs.FileType.Directory and fs.get_file_info(f"{path}/{MANIFEST}").type == pafs.FileType.File:
             return _resolve_manifest(uri, fs, path, field)
+        if info.type == pafs.FileType.Directory and is_prepare_output(uri):
+            raise ValueError(
+                f"{field}: {uri!r} is the output of fmdist prepare; point at its train/ or eval/ directory "
+                f"(data.train={uri.rstrip('/')}/train), or give it as data.train, which does this for you."
+            )
         if info.type == pafs.FileType.Directory:
             infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
             files = [i.path for i in infos if i.type == pafs.FileType.File and _format_of(i.path)]
@@ -90,7 +106,59 @@ def resolve(uri: str, field: str = "data.train") -> Source:
         raise ValueError(f"{field}: {bad!r} has an unknown suffix; use one of {', '.join(SUFFIX_FORMATS)}.")
     if len(formats) > 1:
         raise ValueError(f"{field}: {uri!r} mixes formats {sorted(formats)}; keep one format per data set.")
-    return Source(uri=uri, filesystem=fs, files=tuple(files), format=formats.pop())
+    fmt = formats.pop()
+    if fmt in SHARD_FORMATS:
+        return _resolve_files_as_shards(uri, fs, files, fmt, field)
+    return Source(uri=uri, filesystem=fs, files=tuple(files), format=fmt)
+
+
+def is_prepare_output(uri: str) -> bool:
+    """True for the directory `fmdist prepare` wrote (it holds train/manifest.json), not a split of it."""
+    fs, path = filesystem(uri)
+    return fs.get_file_info(f"{path}/train/{MANIFEST}").type == pafs.FileType.File
+
+
+def _resolve_files_as_shards(uri: str, fs: pafs.FileSystem, files: list[str], fmt: str, field: str) -> Source:
+    """Plain Parquet/Arrow files as shards: one per row group (record batch), counted from metadata.
+
+    A file whose row groups are fewer than the workers leaves some of them idle: write smaller row
+    groups, or run fmdist prepare, for an even split.
+    """
+    shards, paths, schema = [], [], None
+    for path in files:
+        try:
+            if fmt == "parquet":
+                with fs.open_input_file(path) as f:
+                    meta = pq.ParquetFile(f).metadata
+                    file_schema = meta.schema.to_arrow_schema()
+                counts = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+            else:
+                with fs.open_input_file(path) as f:
+                    reader = pa.ipc.open_file(f)
+                    file_schema = reader.schema
+                    counts = [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)]
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise ValueError(f"{field}: cannot read {path!r} as {fmt}: {exc}; the file is corrupt or truncated.") from None
+        if schema is None:
+            schema = file_schema
+        elif file_schema.names != schema.names:
+            raise ValueError(
+                f"{field}: {path!r} has columns {file_schema.names} but {paths[0]!r} has {schema.names}; "
+                "every file of a data set needs the same columns."
+            )
+        for group, rows in enumerate(counts):
+            if rows:
+                shards.append({"path": path.rsplit("/", 1)[-1], "rows": rows, "row_group": group})
+                paths.append(path)
+    manifest = {
+        "prepared": False,
+        "format": fmt,
+        "schema": {f.name: str(f.type) for f in schema},
+        "total_rows": sum(s["rows"] for s in shards),
+        "shards": shards,
+        "label_names": None,
+    }
+    return Source(uri=uri, filesystem=fs, files=tuple(paths), format=fmt, manifest=manifest)
 
 
 def _resolve_manifest(uri: str, fs: pafs.FileSystem, path: str, field: str) -> Source:
@@ -111,24 +179,6 @@ def _resolve_manifest(uri: str, fs: pafs.FileSystem, path: str, field: str) -> S
     if not files:
         raise ValueError(f"{field}: {uri}/{MANIFEST} lists no shards; the data set is empty.")
     return Source(uri=uri, filesystem=fs, files=files, format=manifest["format"], manifest=manifest)
-
-
-def _verified_shard_datasource(source: Source) -> Any:
-    """Read prepared shards whole, check each against the manifest's sha256, then decode.
-
-    Ray Data's own readers cannot check a checksum; a shard is bounded in size (rows_per_shard), so
-    buffering one per read task keeps memory bounded while letting every byte be verified.
-    """
-    from ray.data.datasource import FileBasedDatasource
-
-    expected = {shard["path"]: shard for shard in source.manifest["shards"]}
-    fmt = source.format
-
-    class VerifiedShardDatasource(FileBasedDatasource):
-        def _read_stream(self, f: pa.NativeFile, path: str):
-            yield from decode_verified_shard(f.read(), path, expected[path.rsplit("/", 1)[-1]], fmt)
-
-    return VerifiedShardDatasource(list(source.files), filesystem=source.filesystem)
 
 
 def decode_verified_shard(data: bytes, path: str, shard: dict, fmt: str):
@@ -157,56 +207,19 @@ def decode_verified_shard(data: bytes, path: str, shard: dict, fmt: str):
         raise ValueError(f"shard {path!r} cannot be decoded as {fmt}: {exc}") from None
 
 
-def _arrow_ipc_datasource(files: list[str], fs: pafs.FileSystem) -> Any:
-    # Ray Data has no Arrow IPC reader; FileBasedDatasource is its documented extension point.
-    from ray.data.datasource import FileBasedDatasource
-
-    class ArrowIPCDatasource(FileBasedDatasource):
-        def _read_stream(self, f: pa.NativeFile, path: str):
-            # The IPC file format needs random access; one shard is bounded in size, so buffer it.
-            reader = pa.ipc.open_file(pa.BufferReader(f.read()))
-            for i in range(reader.num_record_batches):
-                yield pa.Table.from_batches([reader.get_batch(i)])
-
-    return ArrowIPCDatasource(files, filesystem=fs)
-
-
-def read_dataset(source: Source) -> ray.data.Dataset:
-    """A lazy Ray Data dataset over the source's files, in file order."""
-    import ray.data
-
-    files = list(source.files)
-    fs = source.filesystem
-    if source.manifest is not None:
-        return ray.data.read_datasource(_verified_shard_datasource(source))
-    if source.format == "parquet":
-        return ray.data.read_parquet(files, filesystem=fs)
-    if source.format == "csv":
-        return ray.data.read_csv(files, filesystem=fs)
-    if source.format == "tsv":
-        # TSV corpora such as SST-2 are unquoted: a stray `"` is text, not a quote.
-        parse = pacsv.ParseOptions(delimiter="\t", quote_char=False)
-        return ray.data.read_csv(files, filesystem=fs, parse_options=parse)
-    if source.format == "jsonl":
-        return ray.data.read_json(files, filesystem=fs, lines=True)
-    return ray.data.read_datasource(_arrow_ipc_datasource(files, fs))
-
-
-def check_columns(ds: ray.data.Dataset, columns: list[str], field: str, uri: str) -> None:
-    """Fail before training when a configured column is missing, naming the file and the columns it has."""
-    names = ds.schema().names
-    missing = [c for c in columns if c not in names]
-    if missing:
-        raise ValueError(
-            f"{field}: {uri!r} has no column(s) {missing}; it has {names}. "
-            "Set data.text_column / data.label_column to match."
-        )
-
-
 def read_shard(source: Source, index: int) -> pa.Table:
-    """One whole prepared shard, size- and sha256-checked against the manifest (errors name the shard)."""
+    """One whole shard: a prepared one size- and sha256-checked against its manifest, or one row group
+    of a plain file (errors name the shard)."""
     shard = source.manifest["shards"][index]
     path = source.files[index]
+    if not source.prepared:
+        try:
+            with source.filesystem.open_input_file(path) as f:
+                if source.format == "parquet":
+                    return pq.ParquetFile(f).read_row_group(shard["row_group"])
+                return pa.Table.from_batches([pa.ipc.open_file(f).get_batch(shard["row_group"])])
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise OSError(f"row group {shard['row_group']} of {path!r} could not be read: {exc}") from exc
     try:
         with source.filesystem.open_input_stream(path) as f:
             data = f.read()
@@ -216,57 +229,21 @@ def read_shard(source: Source, index: int) -> pa.Table:
     return pa.concat_tables(list(decode_verified_shard(data, path, shard, source.format)))
 
 
-def _file_tables(source: Source, index: int, batch_rows: int):
-    """Tables of one file of a source, in row order (prepared shards are verified first)."""
-    import pyarrow.json as pajson
-
-    path = source.files[index]
-    if source.manifest is not None:
-        for batch in read_shard(source, index).to_batches(max_chunksize=batch_rows):
-            yield pa.Table.from_batches([batch])
-        return
-    try:
-        if source.format == "parquet":
-            with source.filesystem.open_input_file(path) as f:
-                for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows):
-                    yield pa.Table.from_batches([batch])
-            return
-        with source.filesystem.open_input_stream(path) as f:
-            if source.format == "arrow":
-                table = pa.ipc.open_file(pa.BufferReader(f.read())).read_all()
-            elif source.format == "jsonl":
-                table = pajson.read_json(f)
-            else:
-                parse = pacsv.ParseOptions(delimiter="\t", quote_char=False) if source.format == "tsv" else None
-                table = pacsv.read_csv(f, parse_options=parse)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise ValueError(f"cannot read {path!r} as {source.format}: {exc}") from None
-    for batch in table.to_batches(max_chunksize=batch_rows):
+def iter_file_tables(source: Source, index: int, batch_rows: int = 65_536):
+    """Tables of one shard of a source, in row order (prepared shards are verified first)."""
+    for batch in read_shard(source, index).to_batches(max_chunksize=batch_rows):
         yield pa.Table.from_batches([batch])
 
 
 def iter_tables(source: Source, batch_rows: int = 1024):
-    """Single-process read of a source in file order (for evaluating exported models without Ray)."""
+    """Single-process read of a source's shards in order."""
     for index in range(len(source.files)):
-        yield from _file_tables(source, index, batch_rows)
+        yield from iter_file_tables(source, index, batch_rows)
 
 
 def count_rows(source: Source) -> int:
-    """Rows in a source: from Parquet footers when possible (no data read), else by reading once."""
-    if source.manifest is not None:
-        return source.manifest["total_rows"]
-    if source.format == "parquet":
-        total = 0
-        for path in source.files:
-            try:
-                with source.filesystem.open_input_file(path) as f:
-                    total += pq.ParquetFile(f).metadata.num_rows
-            except (pa.ArrowInvalid, OSError) as exc:
-                raise ValueError(
-                    f"cannot read the Parquet footer of {path!r}: {exc}; the shard is corrupt or truncated."
-                ) from None
-        return total
-    return sum(t.num_rows for t in iter_tables(source))
+    """Rows in a source, from its manifest (plain Parquet/Arrow: from the files' metadata)."""
+    return source.manifest["total_rows"]
 
 
 def check_labels(source: Source, label_column: str, num_labels: int, field: str) -> None:
@@ -283,7 +260,7 @@ def check_labels(source: Source, label_column: str, num_labels: int, field: str)
             if stats and not stats["nulls"] and stats["min"] >= 0 and stats["max"] < num_labels:
                 continue
         row = 0
-        for table in _file_tables(source, index, batch_rows=65_536):
+        for table in iter_file_tables(source, index):
             labels = table.column(label_column)
             bad = pc.or_(pc.is_null(labels), pc.or_(pc.less(labels, 0), pc.greater_equal(labels, num_labels)))
             if pc.any(bad).as_py():

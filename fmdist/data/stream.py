@@ -1,6 +1,7 @@
-"""A per-worker, resumable stream over prepared shards: every row once per epoch, no replay on resume.
+"""A per-worker, resumable stream over shards: every row once per epoch, no replay on resume.
 
-Why fmdist streams prepared shards itself instead of through Ray Data: a Ray Data iterator cannot
+Every input reaches the loop through here (data/inputs.py turns each into shards). Why fmdist
+streams shards itself instead of through Ray Data: a Ray Data iterator cannot
 resume mid-epoch (ray#37633), so a resumed run must either repeat rows or read and discard
 everything before the checkpoint. This stream's position is a small state (a cursor, the rows in
 the shuffle window, the RNG) saved with each checkpoint; resume reads on from the cursor's shard.
@@ -14,6 +15,9 @@ computes it alone:
 Ranks may own different row counts; the loop keeps them in lockstep (loop._joined).
 
 Memory is bounded by one shard being read, one prefetched, and the shuffle window.
+
+Evaluation reads contiguous row ranges instead (`eval_batches`): rank r of W takes rows
+[r*N/W, (r+1)*N/W) in order, so every eval row counts exactly once and ranks get even shares.
 """
 
 from __future__ import annotations
@@ -22,14 +26,14 @@ import math
 import queue
 import random
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import pyarrow as pa
 
 from fmdist.config import Config
-from fmdist.data.sources import Source, read_shard, resolve
+from fmdist.data.sources import Source, read_shard
 
 PREFETCH_SHARDS = 1
 
@@ -55,6 +59,25 @@ class StreamState:
     rng_state: Any
     rows_emitted: int
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (JSON and an Arrow table for the window; see train/checkpoint.py)."""
+        out = asdict(self)
+        version, internal, gauss = self.rng_state
+        out["rng_state"] = [version, list(internal), gauss]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StreamState:
+        version, internal, gauss = data["rng_state"]
+        return cls(
+            epoch=data["epoch"],
+            cursor=tuple(data["cursor"]),
+            window=[tuple(row) for row in data["window"]],
+            columns=list(data["columns"]),
+            rng_state=(version, tuple(internal), gauss),
+            rows_emitted=data["rows_emitted"],
+        )
+
 
 class ShardStream:
     """Rows of one rank for one epoch, as micro-batches of columns."""
@@ -72,7 +95,7 @@ class ShardStream:
         resume: StreamState | None = None,
     ):
         if source.manifest is None:
-            raise ValueError(f"{source.uri}: the resumable stream reads directories written by fmdist prepare.")
+            raise ValueError(f"{source.uri}: not shards; open it with data.inputs.open_split first.")
         self.source = source
         self.epoch = epoch
         self.shards = epoch_shards(source, seed, epoch, rank, world_size, shuffle)
@@ -161,14 +184,73 @@ class ShardStream:
             yield dict(zip(self._columns, map(list, zip(*batch, strict=True)), strict=True))
 
 
+def iters_per_epoch(source: Source, seed: int, epoch: int, world_size: int, micro_batch_size: int, shuffle: bool) -> int:
+    """Micro-batches of the busiest rank in an epoch (ranks own whole shards, so counts differ)."""
+    shards = source.manifest["shards"]
+    return max(
+        math.ceil(sum(shards[i]["rows"] for i in epoch_shards(source, seed, epoch, r, world_size, shuffle))
+                  / micro_batch_size)
+        for r in range(world_size)
+    )  # fmt: skip
+
+
+def steps_per_epoch(iters: int, gradient_accumulation_steps: int) -> int:
+    """Optimizer steps in an epoch of `iters` micro-batches on the busiest rank: the loop joins ranks,
+    and an epoch's last, partial accumulation is completed with placeholders."""
+    return max(1, math.ceil(iters / gradient_accumulation_steps))
+
+
+def total_steps(cfg: Config, iters: Callable[[int], int]) -> int:
+    """The run's optimizer steps: `train.max_steps`, or every epoch's steps. The one step plan, used by
+    the loop and by Tune (ASHA's max_t, PBT's rounds)."""
+    if cfg.train.max_steps is not None:
+        return cfg.train.max_steps
+    return sum(steps_per_epoch(iters(e), cfg.train.gradient_accumulation_steps) for e in range(cfg.train.epochs))
+
+
+def train_plan(cfg: Config, source: Source, world_size: int) -> Callable[[int], int]:
+    """epoch -> micro-batches of the busiest rank, for this config's training stream."""
+    return lambda epoch: iters_per_epoch(
+        source, cfg.train.seed, epoch, world_size, cfg.train.micro_batch_size, cfg.train.shuffle
+    )
+
+
+def eval_batches(source: Source, rank: int, world_size: int, micro_batch_size: int) -> Iterator[dict[str, list]]:
+    """This rank's contiguous share of the eval rows, in order, as micro-batches of columns.
+
+    Rank r takes rows [r*N/W, (r+1)*N/W) of the shards in manifest order and reads only the shards
+    that overlap its range.
+    """
+    total = source.manifest["total_rows"]
+    low, high = rank * total // world_size, (rank + 1) * total // world_size
+    columns = list(source.manifest["schema"])
+    pending: list[pa.Table] = []
+    pending_rows = 0
+    offset = 0
+    for index, shard in enumerate(source.manifest["shards"]):
+        start, stop = max(low, offset), min(high, offset + shard["rows"])
+        offset += shard["rows"]
+        if start >= stop:
+            continue
+        pending.append(read_shard(source, index).slice(start - (offset - shard["rows"]), stop - start))
+        pending_rows += stop - start
+        while pending_rows >= micro_batch_size:
+            table = pa.concat_tables(pending)
+            yield {c: table.column(c).slice(0, micro_batch_size).to_pylist() for c in columns}
+            pending, pending_rows = [table.slice(micro_batch_size)], pending_rows - micro_batch_size
+    if pending_rows:
+        table = pa.concat_tables(pending)
+        yield {c: table.column(c).to_pylist() for c in columns}
+
+
 class EpochStreams:
     """A rank's training data as the loop wants it: one ShardStream per epoch, its state, its size."""
 
-    def __init__(self, cfg: Config, rank: int, world_size: int):
+    def __init__(self, cfg: Config, source: Source, rank: int, world_size: int):
         self.cfg = cfg
         self.rank = rank
         self.world_size = world_size
-        self.source = resolve(cfg.data.train, "data.train")
+        self.source = source
         self.current: ShardStream | None = None
         self.pending: StreamState | None = None
 
@@ -188,17 +270,10 @@ class EpochStreams:
         return self.current.batches(self.cfg.train.micro_batch_size)
 
     def iters_per_epoch(self, epoch: int) -> int:
-        """Micro-batches of the busiest rank this epoch (ranks own whole shards, so counts differ)."""
-        shards = self.source.manifest["shards"]
-        return max(
-            math.ceil(sum(shards[i]["rows"] for i in epoch_shards(self.source, self.cfg.train.seed, epoch, r,
-                                                                   self.world_size, self.cfg.train.shuffle))
-                      / self.cfg.train.micro_batch_size)
-            for r in range(self.world_size)
-        )  # fmt: skip
+        return train_plan(self.cfg, self.source, self.world_size)(epoch)
 
-    def state(self) -> StreamState | None:
-        return self.current.state() if self.current is not None else None
+    def state(self) -> dict[str, Any] | None:
+        return self.current.state().to_dict() if self.current is not None else None
 
-    def restore(self, state: StreamState | None) -> None:
-        self.pending = state
+    def restore(self, state: dict[str, Any] | None) -> None:
+        self.pending = StreamState.from_dict(state) if state is not None else None

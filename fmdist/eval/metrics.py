@@ -1,12 +1,34 @@
 """Classification metrics from a confusion matrix, and a report a person can read.
 
-Workers only gather a confusion matrix and a loss sum (a fixed-size all-reduce); every metric is
-derived from those here, so distributed metrics equal single-process ones exactly.
+Sequence and image classification share this: workers only gather a confusion matrix and a loss sum
+(the task's fixed-size count tensor, one all-reduce); every metric is derived from those here, so
+distributed metrics equal single-process ones exactly.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import torch
+
+
+def confusion_counts_size(num_labels: int) -> int:
+    """Count-tensor layout: confusion[true, predicted] flattened (n*n), then the loss sum."""
+    return num_labels * num_labels + 1
+
+
+def count_confusion(counts: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor) -> None:
+    """Add one batch to the counts in place (stays on the device: no host sync)."""
+    n = logits.shape[-1]
+    predicted = logits.argmax(dim=-1)
+    counts[: n * n] += torch.bincount(labels * n + predicted, minlength=n * n).to(counts.dtype)
+    counts[n * n] += loss.detach().double() * labels.numel()
+
+
+def finalize_confusion(counts: list[float], label_names: list[str]) -> dict[str, Any]:
+    n = len(label_names)
+    confusion = [[int(counts[i * n + j]) for j in range(n)] for i in range(n)]
+    return classification_metrics(confusion, counts[n * n], label_names)
 
 
 def classification_metrics(
@@ -26,7 +48,7 @@ def classification_metrics(
         recall = tp / support if support else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         per_class[name] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
-    return {
+    metrics = {
         "loss": loss_sum / total if total else float("nan"),
         "accuracy": correct / total if total else float("nan"),
         "macro_f1": sum(c["f1"] for c in per_class.values()) / n,
@@ -34,7 +56,12 @@ def classification_metrics(
         "per_class": per_class,
         "confusion_matrix": confusion,
         "label_names": names,
+        "headline": "accuracy",
     }
+    metrics["scalars"] = {k: float(metrics[k]) for k in ("loss", "accuracy", "macro_f1")} | {
+        f"f1_{name}": float(c["f1"]) for name, c in per_class.items()
+    }
+    return metrics
 
 
 def format_report(metrics: dict[str, Any]) -> str:
@@ -57,8 +84,5 @@ def format_report(metrics: dict[str, Any]) -> str:
 
 
 def flat_scalars(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
-    """The scalar metrics as `prefix/name` keys, for ray.train.report and Tune."""
-    out = {f"{prefix}/{k}": float(metrics[k]) for k in ("loss", "accuracy", "macro_f1")}
-    for name, c in metrics["per_class"].items():
-        out[f"{prefix}/f1_{name}"] = float(c["f1"])
-    return out
+    """A task's scalar metrics as `prefix/name` keys, for ray.train.report and Tune."""
+    return {f"{prefix}/{k}": v for k, v in metrics["scalars"].items()}

@@ -1,64 +1,105 @@
-"""Sequence classification: build the model, turn rows into padded tensors, count predictions."""
+"""Sequence classification: one label per text (sentiment, topic, intent)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
-from fmdist.config import DataConfig, ModelConfig
-from fmdist.models.resolve import resolve_model_path
-
-
-def label_maps(model_cfg: ModelConfig) -> tuple[dict[int, str], dict[str, int]]:
-    names = model_cfg.label_names or [f"LABEL_{i}" for i in range(model_cfg.num_labels)]
-    return dict(enumerate(names)), {n: i for i, n in enumerate(names)}
-
-
-def build_model(model_cfg: ModelConfig) -> torch.nn.Module:
-    """Pretrained weights with a fresh classification head, or a fresh model when `from_config` is set.
-
-    Call after seeding: every rank must build identical initial weights (ZeRO-3 partitions each
-    rank's own copy rather than broadcasting rank 0's).
-    """
-    path = resolve_model_path(model_cfg.name_or_path)
-    id2label, label2id = label_maps(model_cfg)
-    kwargs = dict(num_labels=model_cfg.num_labels, id2label=id2label, label2id=label2id)
-    if model_cfg.from_config is not None:
-        hf_config = AutoConfig.from_pretrained(path, **kwargs, **model_cfg.from_config)
-        return AutoModelForSequenceClassification.from_config(hf_config)
-    return AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+from fmdist.config import Config
+from fmdist.eval.metrics import confusion_counts_size, count_confusion, finalize_confusion, format_report
+from fmdist.tasks import DataInfo, Rows, Task
+from fmdist.tasks.common import (
+    build_auto_model,
+    check_class_labels,
+    is_integer,
+    is_string,
+    load_tokenizer,
+    missing_columns,
+)
 
 
-def load_tokenizer(model_cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_cfg.name_or_path))
-    if not tokenizer.is_fast:
-        raise ValueError(f"model.name_or_path {model_cfg.name_or_path!r} has no fast tokenizer; fmdist needs one.")
-    return tokenizer
+def check(cfg: Config, info: DataInfo) -> list[str]:
+    problems = missing_columns(cfg, info)
+    if problems:
+        return problems
+    text, label = cfg.data.text_column, cfg.data.label_column
+    if not is_string(info.columns[text]):
+        problems.append(
+            f"{info.field}: column {text!r} of {info.uri!r} is {info.columns[text]}, not text; "
+            "sequence classification reads one string per row (set data.text_column)."
+        )
+    if not is_integer(info.columns[label]):
+        problems.append(
+            f"{info.field}: column {label!r} of {info.uri!r} is {info.columns[label]}, not an integer class id; "
+            "map the labels to 0..num_labels-1 (model.label_names names them)."
+        )
+    return problems
 
 
-def collate(
-    rows: dict[str, Any], tokenizer: PreTrainedTokenizerBase, data_cfg: DataConfig, num_labels: int
-) -> dict[str, torch.Tensor]:
+def build_model(cfg: Config) -> torch.nn.Module:
+    from transformers import AutoModelForSequenceClassification
+
+    return build_auto_model(AutoModelForSequenceClassification, cfg.model)
+
+
+def collate(rows: Rows, tokenizer: Any, cfg: Config) -> dict[str, torch.Tensor]:
     """Columns of one micro-batch -> tensors, padded to the longest row in this batch (not max_length)."""
-    texts = [str(t) for t in rows[data_cfg.text_column]]
+    texts = [str(t) for t in rows[cfg.data.text_column]]
     batch = dict(
-        tokenizer(texts, truncation=True, max_length=data_cfg.max_length, padding="longest", return_tensors="pt")
+        tokenizer(texts, truncation=True, max_length=cfg.data.max_length, padding="longest", return_tensors="pt")
     )
-    labels = torch.as_tensor([int(v) for v in rows[data_cfg.label_column]], dtype=torch.long)
-    bad = (labels < 0) | (labels >= num_labels)
+    labels = torch.as_tensor([int(v) for v in rows[cfg.data.label_column]], dtype=torch.long)
+    bad = (labels < 0) | (labels >= cfg.model.num_labels)
     if bad.any():
         raise ValueError(
-            f"data: column {data_cfg.label_column!r} has label {int(labels[bad][0])} outside [0, {num_labels}); "
-            "fix the data or set model.num_labels."
+            f"data: column {cfg.data.label_column!r} has label {int(labels[bad][0])} outside "
+            f"[0, {cfg.model.num_labels}); fix the data or set model.label_names."
         )
     batch["labels"] = labels
     return batch
 
 
-def confusion_update(confusion: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
-    """Add this batch to confusion[true, predicted] in place (stays on the device: no host sync)."""
-    n = confusion.shape[0]
-    predicted = logits.argmax(dim=-1)
-    confusion += torch.bincount(labels * n + predicted, minlength=n * n).reshape(n, n).to(confusion.dtype)
+def count(counts: torch.Tensor, out: Any, batch: dict[str, torch.Tensor], cfg: Config) -> None:
+    count_confusion(counts, out.logits, batch["labels"], out.loss)
+
+
+@torch.no_grad()
+def predict(model_dir: str, texts: list[str], max_length: int = 128, batch_size: int = 64) -> list[dict]:
+    """For each text: the predicted label name, its id and the probability of every label."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    id2label = model.config.id2label
+    out = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(
+            texts[i : i + batch_size], truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+        )
+        for row in model(**enc).logits.softmax(-1).tolist():
+            best = max(range(len(row)), key=row.__getitem__)
+            out.append(
+                {"label": id2label[best], "label_id": best, "probabilities": {id2label[j]: p for j, p in enumerate(row)}}
+            )
+    return out
+
+
+TASK = Task(
+    name="sequence-classification",
+    input_column="sentence",
+    label_column="label",
+    check=check,
+    check_labels=check_class_labels,
+    build_model=build_model,
+    load_processor=load_tokenizer,
+    collate=collate,
+    placeholder=lambda cfg: {cfg.data.text_column: [""], cfg.data.label_column: [0]},
+    counts_size=lambda cfg: confusion_counts_size(cfg.model.num_labels),
+    count=count,
+    finalize=lambda counts, cfg: finalize_confusion(counts, cfg.model.label_names),
+    format_report=format_report,
+    export_class="AutoModelForSequenceClassification",
+    pipeline_tag="text-classification",
+    predict=predict,
+)

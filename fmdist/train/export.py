@@ -1,4 +1,4 @@
-"""Checkpoint -> a standard Hugging Face model directory (safetensors, config, tokenizer, model card).
+"""Checkpoint -> a standard Hugging Face model directory (safetensors, config, processor, model card).
 
 ZeRO shards (stage 3 included) are consolidated into fp32 weights with DeepSpeed's own
 `zero_to_fp32`, so the exported model is exactly the trained one, loadable by plain `transformers`.
@@ -11,73 +11,36 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import pyarrow.fs as pafs
-import torch
+from fmdist import tasks
+from fmdist.train.checkpoint import HF_DIR, consolidated_state_dict, find, local_copy, read_meta
 
-from fmdist.data.fs import filesystem
-from fmdist.train.loop import DS_TAG, HF_DIR, STATE_FILE
-
-CHECKPOINT_PREFIX = "checkpoint_step_"
-
-
-def find_checkpoint(run_or_checkpoint: str) -> str:
-    """The checkpoint itself, or the newest `checkpoint_step_*` inside a run directory."""
-    fs, path = filesystem(run_or_checkpoint)
-    info = fs.get_file_info(path)
-    if info.type != pafs.FileType.Directory:
-        raise FileNotFoundError(f"{run_or_checkpoint!r} is not a run or checkpoint directory.")
-    if fs.get_file_info(f"{path}/{STATE_FILE}").type == pafs.FileType.File:
-        return run_or_checkpoint
-    children = fs.get_file_info(pafs.FileSelector(path))
-    checkpoints = sorted(c.base_name for c in children if c.base_name.startswith(CHECKPOINT_PREFIX))
-    if not checkpoints:
-        raise FileNotFoundError(
-            f"{run_or_checkpoint!r} has no {CHECKPOINT_PREFIX}* directories and no {STATE_FILE}; "
-            "pass a run directory (run.storage_path/run.name) or one of its checkpoints."
-        )
-    return f"{run_or_checkpoint.rstrip('/')}/{checkpoints[-1]}"
-
-
-def _local_copy(uri: str, scratch: str) -> str:
-    """A local directory with the checkpoint's files (downloaded when it lives on S3)."""
-    if "://" not in uri:
-        return uri
-    fs, path = filesystem(uri)
-    pafs.copy_files(path, scratch, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    return scratch
-
-
-def consolidated_state_dict(checkpoint_dir: str) -> dict[str, torch.Tensor]:
-    """fp32 weights gathered from every rank's shard (or the plain module states for ZeRO-0)."""
-    meta = json.loads((Path(checkpoint_dir) / STATE_FILE).read_text())
-    if meta["zero_stage"] == 0:
-        states = torch.load(Path(checkpoint_dir) / DS_TAG / "mp_rank_00_model_states.pt", weights_only=False)
-        return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=DS_TAG)
+TRAINING_FILE = "fmdist_training.json"
+"""Written next to the export: the checkpoint's metadata (config, label set, eval metrics)."""
 
 
 def model_card(meta: dict[str, Any], metrics: dict[str, Any] | None) -> str:
     cfg = meta["config"]
+    task = tasks.get(cfg["model"]["task"])
     lines = [
         "---",
         "library_name: transformers",
-        "pipeline_tag: text-classification",
+        f"pipeline_tag: {task.pipeline_tag}",
         "tags: [fmdist, deepspeed]",
         "---",
         "",
         f"# {cfg['run']['name']}",
         "",
-        f"Fine-tuned with fmdist from `{cfg['model']['name_or_path']}` for {cfg['model']['task']} "
-        f"({cfg['model']['num_labels']} labels), {meta['step']} optimizer steps on {meta['world_size']} worker(s), "
-        f"DeepSpeed ZeRO-{meta['zero_stage']}, {cfg['deepspeed']['precision']}.",
+        f"Fine-tuned with fmdist from `{cfg['model']['name_or_path']}` for {task.name} "
+        f"({cfg['model']['num_labels']} labels: {', '.join(cfg['model']['label_names'])}), {meta['step']} "
+        f"optimizer steps on {meta['world_size']} worker(s), DeepSpeed ZeRO-{meta['zero_stage']}, "
+        f"{cfg['deepspeed']['precision']}. Load it with `transformers.{task.export_class}` or "
+        f'`pipeline("{task.pipeline_tag}", model=...)`.',
         "",
         "## Training data",
         "",
         f"- train: `{cfg['data']['train']}`",
         f"- eval: `{cfg['data']['eval']}`",
-        f"- text column `{cfg['data']['text_column']}`, label column `{cfg['data']['label_column']}`, "
+        f"- input column `{cfg['data']['text_column']}`, label column `{cfg['data']['label_column']}`, "
         f"max length {cfg['data']['max_length']}",
         "",
         "## Hyperparameters",
@@ -89,9 +52,7 @@ def model_card(meta: dict[str, Any], metrics: dict[str, Any] | None) -> str:
         lines.append(f"| train.{key} | {value} |")
     lines += ["", "## Evaluation", ""]
     if metrics:
-        from fmdist.eval.metrics import format_report
-
-        lines += ["```", format_report(metrics), "```"]
+        lines += ["```", task.format_report(metrics), "```"]
     else:
         lines.append("No evaluation split was configured.")
     lines += [
@@ -106,14 +67,16 @@ def model_card(meta: dict[str, Any], metrics: dict[str, Any] | None) -> str:
 
 def export(run_or_checkpoint: str, out_dir: str) -> str:
     """Write a Hugging Face model directory for the newest checkpoint of a run; returns `out_dir`."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    import transformers
 
-    checkpoint_uri = find_checkpoint(run_or_checkpoint)
+    checkpoint_uri = find(run_or_checkpoint)
     with tempfile.TemporaryDirectory(prefix="fmdist-export-") as scratch:
-        local = _local_copy(checkpoint_uri, scratch)
-        meta = json.loads((Path(local) / STATE_FILE).read_text())
-        hf_config = AutoConfig.from_pretrained(Path(local) / HF_DIR)
-        model = AutoModelForSequenceClassification.from_config(hf_config)
+        local = local_copy(checkpoint_uri, scratch)
+        meta = read_meta(local)
+        task = tasks.get(meta["config"]["model"]["task"])
+        auto_class = getattr(transformers, task.export_class)
+        hf_config = transformers.AutoConfig.from_pretrained(Path(local) / HF_DIR)
+        model = auto_class.from_config(hf_config)
         state = consolidated_state_dict(local)
         missing, unexpected = model.load_state_dict(state, strict=False)
         # Buffers that the model rebuilds itself (e.g. position ids) may be absent; weights may not.
@@ -124,8 +87,7 @@ def export(run_or_checkpoint: str, out_dir: str) -> str:
                 f"unexpected {unexpected[:5]}."
             )
         model.save_pretrained(out_dir, safe_serialization=True)
-        AutoTokenizer.from_pretrained(Path(local) / HF_DIR).save_pretrained(out_dir)
-        metrics = meta.get("eval")
-        Path(out_dir, "README.md").write_text(model_card(meta, metrics))
-        Path(out_dir, "fmdist_training.json").write_text(json.dumps({**meta, "checkpoint": checkpoint_uri}, indent=2))
+        task.load_processor(str(Path(local) / HF_DIR)).save_pretrained(out_dir)
+        Path(out_dir, "README.md").write_text(model_card(meta, meta.get("eval")))
+        Path(out_dir, TRAINING_FILE).write_text(json.dumps({**meta, "checkpoint": checkpoint_uri}, indent=2))
     return out_dir

@@ -1,4 +1,9 @@
-"""Config -> Ray Train TorchTrainer: start or join Ray, wire datasets and checkpoints, run `loop.fit`."""
+"""Config -> Ray Train TorchTrainer: start or join Ray, check the data, wire streams and checkpoints, run `loop.fit`.
+
+The driver settles everything the workers must agree on before they start: the shards behind each
+input (data/inputs.py), the frozen label set, and the task's checks of columns and labels, so that a
+bad input fails in seconds with its file and row named, not on a worker minutes later.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +16,14 @@ from typing import Any
 import pyarrow.fs as pafs
 import yaml
 
-from fmdist.config import Config, from_dict
+from fmdist import tasks
+from fmdist.config import Config, ConfigError, freeze_labels, from_dict
 from fmdist.data.fs import aws_env, filesystem
-from fmdist.data.sources import check_columns, check_labels, count_rows, read_dataset, resolve
-from fmdist.data.stream import EpochStreams
-from fmdist.runtime import get_logger
-from fmdist.train.loop import FAIL_AT_STEP_ENV
+from fmdist.data.inputs import open_split, split_uris
+from fmdist.data.sources import Source, resolve
+from fmdist.data.stream import EpochStreams, eval_batches
+from fmdist.runtime import FAIL_AT_STEP_ENV, get_logger
+from fmdist.tasks import DataInfo
 
 log = get_logger("fmdist")
 
@@ -91,32 +98,38 @@ def resolve_use_gpu(cfg: Config) -> bool:
     return bool(cfg.scaling.use_gpu)
 
 
-def _data_config() -> Any:
-    from ray.data import ExecutionOptions
-    from ray.train import DataConfig
+def cache_dir(cfg: Config) -> str:
+    return cfg.data.cache_dir or f"{cfg.run.storage_path.rstrip('/')}/.cache"
 
-    class SplitWithoutDropping(DataConfig):
-        """Ray Train's default split uses equal=True, which drops rows to even out the shards.
 
-        fmdist splits with equal=False (every row is used) and keeps ranks in lockstep in the loop
-        instead (see loop._joined). preserve_order makes the split, and so the rows each rank sees,
-        identical from run to run: needed for exact resume and for same-seed reproducibility.
-        """
+def open_data(cfg: Config) -> dict[str, Source]:
+    """The shards of each split, with the label set frozen into `cfg` and the task's checks passed.
 
-        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-            output = [{} for _ in range(world_size)]
-            for name, ds in datasets.items():
-                ds = ds.copy(ds)
-                ds.context.execution_options = ExecutionOptions(preserve_order=True)
-                for i, split in enumerate(ds.streaming_split(world_size, equal=False)):
-                    output[i][name] = split
-            return output
-
-    return SplitWithoutDropping()
+    Raises:
+        ConfigError: every column problem of every split at once, each naming the field and the fix.
+        ValueError: a label outside the label set (naming the file and row), or an empty split.
+    """
+    train_uri, eval_uri = split_uris(cfg.data.train, cfg.data.eval)
+    sources = {"train": open_split(train_uri, "data.train", cache_dir(cfg))}
+    if eval_uri is not None:
+        sources["eval"] = open_split(eval_uri, "data.eval", cache_dir(cfg))
+    freeze_labels(cfg, sources["train"].manifest.get("label_names"))
+    task = tasks.get(cfg.model.task)
+    problems = []
+    for split, source in sources.items():
+        info = DataInfo(f"data.{split}", source.uri, source.manifest["schema"], source.manifest.get("label_names"))
+        problems += task.check(cfg, info)
+    if problems:
+        raise ConfigError(problems)
+    for split, source in sources.items():
+        if source.manifest["total_rows"] == 0:
+            raise ValueError(f"data.{split}: {source.uri!r} has no rows; point it at a non-empty data set.")
+        task.check_labels(cfg, source, f"data.{split}")
+    return sources
 
 
 def _train_fn_per_worker(loop_config: dict[str, Any]) -> None:
-    """What every Ray Train worker runs: rebuild the config, wire Ray's data and reporting to `fit`."""
+    """What every Ray Train worker runs: rebuild the config, wire its streams and reporting to `fit`."""
     from fmdist.runtime import use_cpu_accelerator_if_no_gpu
 
     use_cpu_accelerator_if_no_gpu()
@@ -126,24 +139,9 @@ def _train_fn_per_worker(loop_config: dict[str, Any]) -> None:
 
     cfg = from_dict(loop_config["config"])
     rank = ray.train.get_context().get_world_rank()
-    eval_shard = ray.train.get_dataset_shard("eval") if loop_config["has_eval"] else None
     world_size = ray.train.get_context().get_world_size()
-    stream = EpochStreams(cfg, rank, world_size) if loop_config["stream_train"] else None
-    train_shard = None if stream else ray.train.get_dataset_shard("train")
-
-    def train_batches(epoch: int):
-        if stream is not None:
-            return stream.batches(epoch)
-        shuffle = cfg.train.shuffle
-        return train_shard.iter_batches(
-            batch_size=cfg.train.micro_batch_size,
-            batch_format="numpy",
-            local_shuffle_buffer_size=cfg.data.shuffle_window_rows if shuffle else None,
-            local_shuffle_seed=cfg.train.seed * 100_003 + epoch * 1009 + rank if shuffle else None,
-        )
-
-    def eval_batches():
-        return eval_shard.iter_batches(batch_size=cfg.train.micro_batch_size, batch_format="numpy")
+    stream = EpochStreams(cfg, resolve(loop_config["train_uri"], "data.train"), rank, world_size)
+    eval_source = resolve(loop_config["eval_uri"], "data.eval") if loop_config["eval_uri"] else None
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
@@ -163,14 +161,16 @@ def _train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         fs, path = filesystem(loop_config["restore_from"])
         checkpoint = ray.train.Checkpoint(path, filesystem=fs)
     io = LoopIO(
-        train_batches=train_batches,
-        num_train_rows=loop_config["num_train_rows"],
+        train_batches=stream.batches,
+        iters_per_epoch=stream.iters_per_epoch,
+        num_train_rows=stream.source.manifest["total_rows"],
         report=report,
         scratch_dir=scratch,
-        eval_batches=eval_batches if eval_shard is not None else None,
-        iters_per_epoch=stream.iters_per_epoch if stream else None,
-        data_state=stream.state if stream else None,
-        restore_data_state=stream.restore if stream else None,
+        eval_batches=(lambda: eval_batches(eval_source, rank, world_size, cfg.train.micro_batch_size))
+        if eval_source is not None
+        else None,
+        data_state=stream.state,
+        restore_data_state=stream.restore,
         launch_time=loop_config["launch_time"],
         timings=loop_config["timings"],
         stop_at_step=loop_config["stop_at_step"],
@@ -184,6 +184,10 @@ def _train_fn_per_worker(loop_config: dict[str, Any]) -> None:
             fit(cfg, io)
 
 
+def _short_list(names: list[str], limit: int = 8) -> str:
+    return "[" + ", ".join(names[:limit]) + (f", ... {len(names)} in all]" if len(names) > limit else "]")
+
+
 def train(
     cfg: Config, callbacks: list | None = None, restore_from: str | None = None, stop_at_step: int | None = None
 ) -> dict[str, Any]:
@@ -194,44 +198,27 @@ def train(
     `stop_at_step` pauses the run there with a checkpoint, the LR schedule unchanged (a PBT round).
     """
     launch_time = time.time()
+    sources = open_data(cfg)
     ray_start_s = ensure_ray(cfg)
-    import ray.data
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    # fmdist prints its own progress; Ray Data's per-operator bars would interleave with it.
-    ray.data.DataContext.get_current().enable_progress_bars = False
     resuming = check_resumable(cfg)
     use_gpu = resolve_use_gpu(cfg)
-    datasets = {}
-    num_rows = {}
-    stream_train = False
-    for split, uri in (("train", cfg.data.train), ("eval", cfg.data.eval)):
-        if uri is None:
-            continue
-        source = resolve(uri, f"data.{split}")
-        ds = read_dataset(source)
-        check_columns(ds, [cfg.data.text_column, cfg.data.label_column], f"data.{split}", uri)
-        check_labels(source, cfg.data.label_column, cfg.model.num_labels, f"data.{split}")
-        num_rows[split] = count_rows(source)
-        if num_rows[split] == 0:
-            raise ValueError(f"data.{split}: {uri!r} has no rows; point it at a non-empty data set.")
-        if split == "train" and source.manifest is not None:
-            # Prepared shards: every worker streams its own shards, resumable mid-epoch (data/stream.py).
-            stream_train = True
-            continue
-        if split == "train" and cfg.train.shuffle:
-            ds = ds.randomize_block_order(seed=cfg.train.seed)
-        # Blocks of one micro-batch: the splitter hands out whole blocks, so a file-sized block would
-        # go to one rank. With micro-batch blocks, ranks differ by at most one micro-batch, and N
-        # workers see the same step composition as one worker accumulating N micro-batches.
-        ds = ds.repartition(target_num_rows_per_block=cfg.train.micro_batch_size)
-        datasets[split] = ds
+    shards = len(sources["train"].manifest["shards"])
+    if shards < cfg.scaling.num_workers:
+        log.warning(
+            "data.train %s has %d shard(s) for %d workers, so %d worker(s) get no rows and only keep step; "
+            "run fmdist prepare (or write smaller Parquet row groups) for an even split",
+            sources["train"].uri, shards, cfg.scaling.num_workers, cfg.scaling.num_workers - shards,
+        )  # fmt: skip
     log.info(
-        "%s run %s: %d training rows%s; %d workers (%s), ZeRO-%d",
-        "resuming" if resuming else "starting", run_dir_uri(cfg), num_rows["train"],
-        f", {num_rows['eval']} eval rows" if "eval" in num_rows else "", cfg.scaling.num_workers,
-        "GPU" if use_gpu else "CPU", cfg.deepspeed.zero_stage,
+        "%s run %s: %s, %d training rows%s, labels %s; %d workers (%s), ZeRO-%d",
+        "resuming" if resuming else "starting", run_dir_uri(cfg), cfg.model.task,
+        sources["train"].manifest["total_rows"],
+        f", {sources['eval'].manifest['total_rows']} eval rows" if "eval" in sources else "",
+        _short_list(cfg.model.label_names), cfg.scaling.num_workers, "GPU" if use_gpu else "CPU",
+        cfg.deepspeed.zero_stage,
     )  # fmt: skip
 
     write_run_file(cfg, "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -246,9 +233,8 @@ def train(
         _train_fn_per_worker,
         train_loop_config={
             "config": cfg.to_dict(),
-            "num_train_rows": num_rows["train"],
-            "has_eval": "eval" in datasets,
-            "stream_train": stream_train,
+            "train_uri": sources["train"].uri,
+            "eval_uri": sources["eval"].uri if "eval" in sources else None,
             "launch_time": launch_time,
             "timings": {"ray_start_s": ray_start_s},
             "restore_from": restore_from,
@@ -270,8 +256,6 @@ def train(
             worker_runtime_env={"env_vars": env_vars},
             callbacks=callbacks,
         ),
-        datasets=datasets,
-        dataset_config=_data_config(),
     )
     result = trainer.fit()
     if result.error:

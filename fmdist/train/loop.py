@@ -5,6 +5,9 @@ compares it with a bare DeepSpeed loop. Nothing here imports Ray.
 
 Vocabulary: an *iter* is one micro-batch forward/backward on one rank; a *step* is one optimizer
 step (gradient_accumulation_steps iters on every rank).
+
+Everything task-specific (model, processor, collate, loss, metrics) comes from the task record,
+`fmdist.tasks.get(cfg.model.task)`; checkpoint files are train/checkpoint.py's business.
 """
 
 from __future__ import annotations
@@ -17,28 +20,22 @@ import random
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from fmdist.config import Config
-from fmdist.eval.metrics import classification_metrics, flat_scalars
-from fmdist.runtime import get_logger
-from fmdist.tasks import sequence_classification as task
+from fmdist import tasks
+from fmdist.config import Config, freeze_labels
+from fmdist.data.stream import steps_per_epoch, total_steps
+from fmdist.eval.metrics import flat_scalars
+from fmdist.runtime import FAIL_AT_STEP_ENV, get_logger
+from fmdist.tasks import Rows, Task
+from fmdist.train import checkpoint
 from fmdist.train.ds_config import build_ds_config
 
-Rows = dict[str, Any]
-"""One micro-batch of raw columns (column name -> sequence of values), before tokenization."""
-
-DS_TAG = "ds"
-STATE_FILE = "fmdist_state.json"
 _EPOCH_OVER = object()
-FAIL_AT_STEP_ENV = "FMDIST_FAIL_AT_STEP"
-"""Fault injection for recovery tests and drills: a fresh (not resumed) run raises after this step."""
-HF_DIR = "hf"
 
 
 @dataclass
@@ -47,8 +44,10 @@ class LoopIO:
 
     train_batches: Callable[[int], Iterable[Rows]]
     """epoch -> this rank's micro-batches of raw rows for that epoch, in a deterministic order."""
+    iters_per_epoch: Callable[[int], int]
+    """epoch -> micro-batches of the busiest rank (the step plan; data/stream.py computes it)."""
     num_train_rows: int
-    """Training rows across all ranks, for the step count, LR schedule and ETA."""
+    """Training rows across all ranks (for the log)."""
     report: Callable[[dict[str, Any], str | None], None]
     """Called by every rank at the same points with (metrics, local checkpoint dir or None)."""
     scratch_dir: str
@@ -57,11 +56,9 @@ class LoopIO:
     """This rank's share of the eval rows; None when there is no eval split."""
     restore_dir: str | None = None
     """A local checkpoint directory to resume from (the launcher finds the latest one)."""
-    iters_per_epoch: Callable[[int], int] | None = None
-    """epoch -> micro-batches of the busiest rank, when the source knows it exactly (else estimated)."""
-    data_state: Callable[[], Any] | None = None
-    """This rank's stream position, saved with each checkpoint (a resumable stream provides it)."""
-    restore_data_state: Callable[[Any], None] | None = None
+    data_state: Callable[[], dict[str, Any] | None] | None = None
+    """This rank's stream position (plain values), saved with each checkpoint."""
+    restore_data_state: Callable[[dict[str, Any] | None], None] | None = None
     """Hands a saved stream position back before the first `train_batches` call after a resume."""
     launch_time: float | None = None
     """time.time() when the launcher started, for the time-to-first-step breakdown."""
@@ -116,23 +113,6 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def steps_per_epoch(cfg: Config, io: LoopIO, world_size: int, epoch: int) -> int:
-    """Optimizer steps in one epoch: every rank runs as many iters as the busiest one (the loop joins
-    ranks), and an epoch's last, partial accumulation is completed with placeholders."""
-    if io.iters_per_epoch is not None:
-        iters = io.iters_per_epoch(epoch)
-    else:
-        # Ray Data deals micro-batch blocks round-robin: the first rank gets the odd one out.
-        iters = math.ceil(math.ceil(io.num_train_rows / cfg.train.micro_batch_size) / world_size)
-    return max(1, math.ceil(iters / cfg.train.gradient_accumulation_steps))
-
-
-def total_steps(cfg: Config, io: LoopIO, world_size: int) -> int:
-    if cfg.train.max_steps is not None:
-        return cfg.train.max_steps
-    return sum(steps_per_epoch(cfg, io, world_size, epoch) for epoch in range(cfg.train.epochs))
-
-
 def _any_rank(flag: bool, device: torch.device) -> bool:
     """True if any rank passes True. Collective (all-reduce MAX) and a host-device sync."""
     t = torch.tensor([1 if flag else 0], device=device)
@@ -143,7 +123,7 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
 def _joined(batches: Iterator[Rows], device: torch.device) -> Iterator[Rows | None]:
     """Yield this rank's batches, then None while other ranks still have data.
 
-    Ray Data splits rows between ranks without dropping any, so ranks can differ by a batch; DeepSpeed
+    Ranks own different shares of the rows (whole shards), so they can differ by batches; DeepSpeed
     needs every rank in every forward/backward (ZeRO gathers, gradient all-reduce), so a rank that
     ran out runs a zero-weight placeholder batch instead of hanging or dropping the others' rows.
     """
@@ -161,96 +141,36 @@ def _fmt_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
-def evaluate(engine: Any, cfg: Config, tokenizer: Any, batches: Iterable[Rows]) -> dict[str, Any]:
-    """Metrics over every rank's share of the eval rows (gathered counts, not rank 0's share)."""
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The collated tensors the model takes, on the device (a task's `stats/` counters stay behind)."""
+    return {k: v.to(device) for k, v in batch.items() if not k.startswith("stats/")}
+
+
+def evaluate(engine: Any, cfg: Config, task: Task, processor: Any, batches: Iterable[Rows]) -> dict[str, Any]:
+    """The task's metrics over every rank's share of the eval rows (summed counts, not rank 0's share)."""
     device = engine.device
-    n = cfg.model.num_labels
-    confusion = torch.zeros(n, n, dtype=torch.long, device=device)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    placeholder = _placeholder_rows(cfg)
+    counts = torch.zeros(task.counts_size(cfg), dtype=torch.float64, device=device)
+    placeholder = task.placeholder(cfg)
     engine.eval()
     with torch.no_grad():
         for rows in _joined(iter(batches), device):
-            batch = task.collate(rows or placeholder, tokenizer, cfg.data, n)
-            out = engine(**{k: v.to(device) for k, v in batch.items()})
+            batch = model_inputs(task.collate(rows or placeholder, processor, cfg), device)
+            out = engine(**batch)
             if rows is not None:
-                labels = batch["labels"].to(device)
-                loss_sum += out.loss.double() * labels.numel()
-                task.confusion_update(confusion, out.logits, labels)
-    # Collective: sum the counts over ranks; every metric is derived from these.
-    dist.all_reduce(confusion)
-    dist.all_reduce(loss_sum)
+                task.count(counts, out, batch, cfg)
+    # Collective: sum the counts over ranks (one all-reduce); every metric is derived from them.
+    dist.all_reduce(counts)
     engine.train()
-    return classification_metrics(confusion.tolist(), loss_sum.item(), cfg.model.label_names)
+    return task.finalize(counts.tolist(), cfg)
 
 
-def _placeholder_rows(cfg: Config) -> Rows:
-    return {cfg.data.text_column: [""], cfg.data.label_column: [0]}
-
-
-def save_checkpoint(
-    engine: Any, io: LoopIO, cfg: Config, tokenizer: Any, state: dict[str, Any], eval_metrics: dict[str, Any] | None
-) -> str:
-    """Every rank writes its DeepSpeed shard (collective), its RNG state, and rank 0 the metadata."""
-    rank = dist.get_rank()
-    path = Path(io.scratch_dir) / f"step_{state['step']:08d}"
-    # Collective: DeepSpeed barriers inside; each rank writes only its own shard files.
-    engine.save_checkpoint(str(path), tag=DS_TAG, client_state=state)
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save(rng, path / f"rng_rank{rank}.pt")
-    if io.data_state is not None:
-        torch.save(io.data_state(), path / f"data_rank{rank}.pt")
-    if rank == 0:
-        meta = {**state, "zero_stage": cfg.deepspeed.zero_stage, "world_size": dist.get_world_size()}
-        meta.update(config=cfg.to_dict(), eval=eval_metrics)
-        (path / STATE_FILE).write_text(json.dumps(meta, indent=2))
-        engine.module.config.save_pretrained(path / HF_DIR)
-        tokenizer.save_pretrained(path / HF_DIR)
-    return str(path)
-
-
-def load_checkpoint(engine: Any, path: str, io: LoopIO) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler, RNG and stream state; a missing or unreadable shard is an error.
-
-    The returned client state has `data_restored`: whether the stream continues from its saved
-    position (no replay) or the loop must skip the epoch's consumed batches itself.
-    """
-    rank = dist.get_rank()
-    state_file = Path(path) / STATE_FILE
-    if not state_file.is_file():
-        raise RuntimeError(f"checkpoint {path} has no {STATE_FILE}; it is incomplete. Delete it to use an older one.")
-    meta = json.loads(state_file.read_text())
-    if meta["world_size"] != dist.get_world_size() and meta["zero_stage"] > 0:
-        raise RuntimeError(
-            f"checkpoint {path} was written by {meta['world_size']} ZeRO-{meta['zero_stage']} workers but this run "
-            f"has {dist.get_world_size()}; set scaling.num_workers={meta['world_size']} to resume it."
-        )
-    try:
-        load_path, client_state = engine.load_checkpoint(
-            path, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
-    except (OSError, RuntimeError, KeyError, EOFError) as exc:
-        raise RuntimeError(f"checkpoint {path} could not be read on rank {rank}: {exc}") from exc
-    if load_path is None:
-        raise RuntimeError(
-            f"checkpoint {path} could not be read on rank {rank}: DeepSpeed found no shard for tag {DS_TAG}."
-        )
-    rng_file = Path(path) / f"rng_rank{rank}.pt"
-    if not rng_file.is_file():
-        raise RuntimeError(f"checkpoint {path} is missing {rng_file.name}; it is incomplete.")
-    rng = torch.load(rng_file, weights_only=False)
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
-    data_file = Path(path) / f"data_rank{rank}.pt"
-    client_state["data_restored"] = io.restore_data_state is not None and data_file.is_file()
-    if client_state["data_restored"]:
-        io.restore_data_state(torch.load(data_file, weights_only=False))
-    return client_state
+def describe(metrics: dict[str, Any]) -> str:
+    """One line for the log: loss, the headline metric, the other scalars' first few."""
+    headline = metrics["headline"]
+    others = [k for k in metrics["scalars"] if k not in ("loss", headline) and "_" not in k][:2]
+    parts = [f"loss {metrics['loss']:.4f}", f"{headline} {metrics[headline]:.4f}"]
+    parts += [f"{k} {metrics['scalars'][k]:.4f}" for k in others]
+    return ", ".join(parts) + f" ({metrics['num_examples']} examples)"
 
 
 def apply_hyperparameters(engine: Any, scheduler: Any, cfg: Config, log: Any) -> None:
@@ -293,11 +213,31 @@ def weights_checksum(engine: Any) -> dict[str, float]:
     return {"sum": total[0].item(), "sum_sq": total[1].item()}
 
 
+@dataclass
+class Progress:
+    """Where the run stands; saved in every checkpoint as DeepSpeed client state."""
+
+    step: int = 0
+    epoch: int = 0
+    iters_in_epoch: int = 0
+
+
+@dataclass
+class Window:
+    """Training counters since the last log line, kept on the device (read once per log line)."""
+
+    sums: torch.Tensor
+    """loss sum, real iters, rows, tokens (or pixels' images), then a task's `stats/` counters."""
+    stat_names: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+
+
 def fit(cfg: Config, io: LoopIO) -> dict[str, Any]:
     """Fine-tune per `cfg` on this rank; returns the final metrics (same on every rank)."""
     import deepspeed
     from transformers import get_scheduler
 
+    # ---- set-up: process group, model, processor, optimizer, DeepSpeed engine, restore
     t_enter = time.perf_counter()
     timings = dict(io.timings)
     if io.launch_time is not None:
@@ -305,18 +245,18 @@ def fit(cfg: Config, io: LoopIO) -> dict[str, Any]:
     rank, world_size = _init_distributed()
     log = get_logger("fmdist.train", rank)
     _check_same_config_on_all_ranks(cfg, rank)
-    on_gpu = torch.cuda.is_available()
+    task = tasks.get(cfg.model.task)
+    freeze_labels(cfg, None)  # a launcher has frozen them already; in-process callers may give num_labels only
 
     _seed_everything(cfg.train.seed)
     t0 = time.perf_counter()
-    model = task.build_model(cfg.model)
-    tokenizer = task.load_tokenizer(cfg.model)
+    model = task.build_model(cfg)
+    processor = task.load_processor(cfg.model.name_or_path)
     if cfg.deepspeed.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     timings["model_load_s"] = time.perf_counter() - t0
 
-    num_steps = total_steps(cfg, io, world_size)
-    per_epoch = steps_per_epoch(cfg, io, world_size, 0)
+    num_steps = total_steps(cfg, io.iters_per_epoch)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr)
     scheduler = get_scheduler(
         {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.train.lr_schedule],
@@ -325,151 +265,141 @@ def fit(cfg: Config, io: LoopIO) -> dict[str, Any]:
         num_training_steps=num_steps,
     )
     t0 = time.perf_counter()
-    ds_config = build_ds_config(cfg, world_size, on_gpu)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=build_ds_config(cfg, world_size, torch.cuda.is_available()),
+        dist_init_required=False,
     )
     timings["deepspeed_init_s"] = time.perf_counter() - t0
     device = engine.device
 
-    step, epoch, iters_done = 0, 0, 0
-    skip_iters = 0  # batches to read and discard on resume when the data source cannot seek
+    progress = Progress()
     restored: dict[str, Any] = {}  # reported with every event of this run
     if io.restore_dir is not None:
-        state = load_checkpoint(engine, io.restore_dir, io)
-        step, epoch, iters_done = state["step"], state["epoch"], state["iters_in_epoch"]
-        skip_iters = 0 if state["data_restored"] else iters_done
+        client_state, data_state = checkpoint.load(engine, io.restore_dir)
+        progress = Progress(client_state["step"], client_state["epoch"], client_state["iters_in_epoch"])
+        if io.restore_data_state is not None:
+            io.restore_data_state(data_state)
         apply_hyperparameters(engine, scheduler, cfg, log)
-        log.info("resumed from %s at step %d (epoch %d, iter %d)", io.restore_dir, step, epoch + 1, iters_done)
-        restored["restore/step"] = step
+        log.info("resumed from %s at step %d (epoch %d, iter %d)", io.restore_dir, progress.step,
+                 progress.epoch + 1, progress.iters_in_epoch)  # fmt: skip
+        restored["restore/step"] = progress.step
         if io.fingerprint_restore:
             checksum = weights_checksum(engine)
             restored.update({"restore/weights_sum": checksum["sum"], "restore/weights_sum_sq": checksum["sum_sq"]})
     end_step = num_steps if io.stop_at_step is None else min(num_steps, io.stop_at_step)
-    if step >= end_step:
-        log.info("checkpoint is already at step %d of %d; nothing to train", step, end_step)
     log.info(
-        "training %s on %d worker(s): %d steps (%d per epoch), global batch %d = %d micro x %d accumulation x %d "
-        "workers, ZeRO-%d, %s, %d training rows",
-        cfg.model.name_or_path, world_size, num_steps, per_epoch, cfg.global_batch_size, cfg.train.micro_batch_size,
-        cfg.train.gradient_accumulation_steps, world_size, cfg.deepspeed.zero_stage, cfg.deepspeed.precision,
-        io.num_train_rows,
+        "training %s (%s, %d labels) on %d worker(s): %d steps (%d per epoch), global batch %d = %d micro x %d "
+        "accumulation x %d workers, ZeRO-%d, %s, %d training rows",
+        cfg.model.name_or_path, task.name, cfg.model.num_labels, world_size, num_steps,
+        steps_per_epoch(io.iters_per_epoch(0), cfg.train.gradient_accumulation_steps), cfg.global_batch_size,
+        cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps, world_size, cfg.deepspeed.zero_stage,
+        cfg.deepspeed.precision, io.num_train_rows,
     )  # fmt: skip
-    if end_step < num_steps:
+    if progress.step >= end_step:
+        log.info("checkpoint is already at step %d of %d; nothing to train", progress.step, end_step)
+    elif end_step < num_steps:
         log.info("this run pauses at step %d of %d (checkpointed; the LR schedule spans all %d)", end_step,
                  num_steps, num_steps)  # fmt: skip
 
-    placeholder = _placeholder_rows(cfg)
+    eval_metrics: dict[str, Any] | None = None
+
+    def checkpoint_and_report(event: dict[str, Any], save: bool) -> None:
+        """Every rank: save its part of a checkpoint (collective) when asked, then report the event."""
+        path = None
+        if save:
+            path = checkpoint.save(
+                engine,
+                f"{io.scratch_dir}/step_{progress.step:08d}",
+                {"step": progress.step, "epoch": progress.epoch, "iters_in_epoch": progress.iters_in_epoch},
+                {"zero_stage": cfg.deepspeed.zero_stage, "world_size": world_size, "config": cfg.to_dict(),
+                 "eval": eval_metrics},  # fmt: skip
+                processor,
+                io.data_state() if io.data_state is not None else None,
+            )
+        io.report({"step": progress.step, "epoch": progress.epoch, **restored, **event}, path)
+
+    def evaluate_and_report(save: bool, train_loss: float, extra: dict[str, Any] | None = None) -> None:
+        nonlocal eval_metrics
+        scalars: dict[str, Any] = {"train/loss": train_loss, **(extra or {})}
+        if io.eval_batches is not None:
+            eval_metrics = evaluate(engine, cfg, task, processor, io.eval_batches())
+            scalars.update(flat_scalars(eval_metrics, "eval"), eval=eval_metrics)
+            log.info("eval at step %d: %s", progress.step, describe(eval_metrics))
+        checkpoint_and_report(scalars, save)
+
+    # ---- training: epochs of micro-batches, an optimizer step every `accum` iters on every rank
+    placeholder = task.placeholder(cfg)
     fail_at_step = int(os.environ.get(FAIL_AT_STEP_ENV, 0)) if io.restore_dir is None else None
     accum = cfg.train.gradient_accumulation_steps
     checkpoint_every = cfg.run.checkpoint_every_steps
-    # Window counters stay on the device; they are read only at log steps (one sync per log line).
-    window = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, real iters, rows, tokens
-    window_start = time.perf_counter()
+    # Every rank sizes the window alike (an all-reduce needs equal shapes), from the task's counters.
+    stat_names = [k.removeprefix("stats/") for k in task.collate(placeholder, processor, cfg) if k.startswith("stats/")]
+    window = Window(torch.zeros(4 + len(stat_names), dtype=torch.float64, device=device), stat_names)
+    stats_total: dict[str, float] = {}
     train_start = time.perf_counter()
-    start_step = step
+    start_step = progress.step
     last_train_loss = first_train_loss = float("nan")
-    eval_metrics: dict[str, Any] | None = None
-    first_step_pending = True
     first_step_end = train_start
 
-    def report(event_metrics: dict[str, Any], checkpoint: bool) -> None:
-        state = {"step": step, "epoch": epoch, "iters_in_epoch": iters_done}
-        path = save_checkpoint(engine, io, cfg, tokenizer, state, eval_metrics) if checkpoint else None
-        io.report({"step": step, "epoch": epoch, **restored, **event_metrics}, path)
-
-    def eval_and_report(checkpoint: bool, extra: dict[str, Any] | None = None) -> None:
-        nonlocal eval_metrics
-        scalars: dict[str, Any] = {"train/loss": last_train_loss, **(extra or {})}
-        if io.eval_batches is not None:
-            eval_metrics = evaluate(engine, cfg, tokenizer, io.eval_batches())
-            scalars.update(flat_scalars(eval_metrics, "eval"), eval=eval_metrics)
-            log.info(
-                "eval at step %d: loss %.4f, accuracy %.4f, macro-F1 %.4f (%d examples)",
-                step, eval_metrics["loss"], eval_metrics["accuracy"], eval_metrics["macro_f1"],
-                eval_metrics["num_examples"],
-            )  # fmt: skip
-        report(scalars, checkpoint)
-
-    # With `epochs`, stop after the last epoch even if the step plan was an estimate; with `max_steps`,
-    # run as many epochs as it takes.
-    while step < end_step and (cfg.train.max_steps is not None or epoch < cfg.train.epochs):
-        batches = iter(io.train_batches(epoch))
-        # Mid-epoch resume from a source without a saved position: skip what was trained on.
-        for _ in range(skip_iters):
-            next(batches, None)
-        skip_iters = 0
-        epoch_iters = _joined(batches, device)
-        while step < end_step:
+    # With `epochs`, stop after the last epoch; with `max_steps`, run as many epochs as it takes.
+    while progress.step < end_step and (cfg.train.max_steps is not None or progress.epoch < cfg.train.epochs):
+        epoch_iters = _joined(iter(io.train_batches(progress.epoch)), device)
+        while progress.step < end_step:
             rows = next(epoch_iters, _EPOCH_OVER)
-            at_boundary = (iters_done + 1) % accum == 0
             if rows is _EPOCH_OVER:
-                if iters_done % accum == 0:
+                if progress.iters_in_epoch % accum == 0:
                     break  # every rank is out of data and no accumulation is pending
                 rows = None  # finish the pending accumulation with placeholders, so epochs end on a step
             # A rank out of data (or the epoch's last, partial accumulation) runs a zero-weight
             # placeholder so that every rank takes part in every collective and every step.
-            batch = task.collate(rows or placeholder, tokenizer, cfg.data, cfg.model.num_labels)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            loss = engine(**batch).loss
+            collated = task.collate(rows or placeholder, processor, cfg)
+            batch = model_inputs(collated, device)
+            loss = task.loss(engine(**batch), batch)
             if rows is None:
                 loss = loss * 0.0
             else:
-                window += torch.stack(
-                    [loss.detach().double(), loss.new_tensor(1.0, dtype=torch.float64),
-                     loss.new_tensor(len(batch["labels"]), dtype=torch.float64),
-                     batch["attention_mask"].sum().double()]
-                )  # fmt: skip
+                _add_to_window(window, loss, batch, collated)
             engine.backward(loss)
             engine.step()  # DeepSpeed applies the optimizer only at accumulation boundaries
-            iters_done += 1
-            if not at_boundary:
+            progress.iters_in_epoch += 1
+            if progress.iters_in_epoch % accum:
                 continue
-            step += 1
-            if fail_at_step == step:
-                raise RuntimeError(f"{FAIL_AT_STEP_ENV}={step}: injected failure after step {step}")
-            if first_step_pending:
+            progress.step += 1
+            if fail_at_step == progress.step:
+                raise RuntimeError(f"{FAIL_AT_STEP_ENV}={progress.step}: injected failure after step {progress.step}")
+            if progress.step == start_step + 1:
                 first_step_end = time.perf_counter()
                 timings["first_step_s"] = first_step_end - train_start
-                timings["time_to_first_step_s"] = time.perf_counter() - t_enter + timings.get("worker_group_s", 0.0)
-                first_step_pending = False
-            if step % cfg.train.log_every_steps == 0 or step == end_step:
-                # Collective + host sync: global loss and throughput over the window.
-                dist.all_reduce(window)
-                loss_sum, n_iters, n_rows, n_tokens = window.tolist()
-                elapsed = time.perf_counter() - window_start
-                last_train_loss = loss_sum / max(n_iters, 1)
+                timings["time_to_first_step_s"] = first_step_end - t_enter + timings.get("worker_group_s", 0.0)
+            if progress.step % cfg.train.log_every_steps == 0 or progress.step == end_step:
+                last_train_loss = _log_window(window, log, progress, num_steps, end_step, engine, start_step,
+                                              train_start, stats_total)  # fmt: skip
                 if math.isnan(first_train_loss):
                     first_train_loss = last_train_loss
-                rate = (step - start_step) / (time.perf_counter() - train_start)
-                log.info(
-                    "step %d/%d (%.1f%%) | epoch %d | loss %.4f | lr %.2e | %.1f samples/s | %.0f tokens/s | ETA %s",
-                    step, num_steps, 100 * step / num_steps, epoch + 1, last_train_loss,
-                    engine.get_lr()[0], n_rows / elapsed, n_tokens / elapsed,
-                    _fmt_duration((end_step - step) / rate),
-                )  # fmt: skip
-                window.zero_()
-                window_start = time.perf_counter()
-            do_eval = cfg.train.eval_every_steps is not None and step % cfg.train.eval_every_steps == 0
-            do_ckpt = checkpoint_every is not None and step % checkpoint_every == 0
-            if step < end_step and do_eval:
-                eval_and_report(checkpoint=do_ckpt or checkpoint_every is None)
-            elif step < end_step and do_ckpt:
-                report({"train/loss": last_train_loss}, checkpoint=True)
-        if step >= end_step:
+            do_eval = cfg.train.eval_every_steps is not None and progress.step % cfg.train.eval_every_steps == 0
+            do_ckpt = checkpoint_every is not None and progress.step % checkpoint_every == 0
+            if progress.step < end_step and do_eval:
+                evaluate_and_report(do_ckpt or checkpoint_every is None, last_train_loss)
+            elif progress.step < end_step and do_ckpt:
+                checkpoint_and_report({"train/loss": last_train_loss}, save=True)
+        if progress.step >= end_step:
             break
-        epoch += 1
-        iters_done = 0
-        if cfg.train.eval_every_steps is None and step < end_step:
-            eval_and_report(checkpoint=checkpoint_every is None)
+        progress.epoch += 1
+        progress.iters_in_epoch = 0
+        if cfg.train.eval_every_steps is None and progress.step < end_step:
+            evaluate_and_report(checkpoint_every is None, last_train_loss)
 
+    # ---- summary: throughput, start-up timings, a last evaluation and checkpoint
     now = time.perf_counter()
     train_time = now - train_start
-    samples = (step - start_step) * cfg.global_batch_size
+    samples = (progress.step - start_step) * cfg.global_batch_size
     # Throughput after the first step: start-up (first batch, lazy inits) is reported in timings.
     steady = (
-        (step - start_step - 1) * cfg.global_batch_size / (now - first_step_end)
-        if step - start_step > 1
+        (progress.step - start_step - 1) * cfg.global_batch_size / (now - first_step_end)
+        if progress.step - start_step > 1
         else float("nan")
     )
     summary = {
@@ -478,10 +408,59 @@ def fit(cfg: Config, io: LoopIO) -> dict[str, Any]:
         "train/samples_per_s": samples / train_time if train_time > 0 else float("nan"),
         "train/steady_samples_per_s": steady,
         "timings": timings,
+        **{f"train/{name}": value for name, value in stats_total.items()},
     }
-    log.info(
-        "finished %d steps in %s (%.1f samples/s)", step, _fmt_duration(train_time), summary["train/samples_per_s"]
-    )
+    log.info("finished %d steps in %s (%.1f samples/s)", progress.step, _fmt_duration(train_time),
+             summary["train/samples_per_s"])  # fmt: skip
+    if stats_total.get("words_cut"):
+        log.warning(
+            "truncation at data.max_length=%d cut %d of %d words in training (their tags were not learned); "
+            "raise data.max_length to keep them", cfg.data.max_length, stats_total["words_cut"], stats_total["words"],
+        )  # fmt: skip
     # The final report carries the whole summary, so the driver has it wherever rank 0 ran.
-    eval_and_report(checkpoint=True, extra=summary)
-    return {"step": step, "train/loss": last_train_loss, "eval": eval_metrics, **summary}
+    evaluate_and_report(True, last_train_loss, summary)
+    return {"step": progress.step, "train/loss": last_train_loss, "eval": eval_metrics, **summary}
+
+
+def _add_to_window(window: Window, loss: torch.Tensor, batch: dict[str, torch.Tensor], collated: dict) -> None:
+    """Add one real micro-batch to the window, on the device (no host sync)."""
+    stats = {k.removeprefix("stats/"): v for k, v in collated.items() if k.startswith("stats/")}
+    sizes = batch["attention_mask"].sum() if "attention_mask" in batch else loss.new_tensor(0.0)
+    window.sums += torch.stack(
+        [loss.detach().double(), loss.new_tensor(1.0, dtype=torch.float64),
+         loss.new_tensor(len(batch["labels"]), dtype=torch.float64), sizes.double(),
+         *(stats[name].to(window.sums) for name in window.stat_names)]
+    )  # fmt: skip
+
+
+def _log_window(
+    window: Window,
+    log: Any,
+    progress: Progress,
+    num_steps: int,
+    end_step: int,
+    engine: Any,
+    start_step: int,
+    train_start: float,
+    stats_total: dict[str, float],
+) -> float:
+    """One log line (rank 0) from the window, summed over ranks; returns the window's mean loss.
+
+    Collective (all-reduce) and a host sync: the only ones per log line.
+    """
+    dist.all_reduce(window.sums)
+    loss_sum, n_iters, n_rows, n_tokens, *stats = window.sums.tolist()
+    elapsed = time.perf_counter() - window.started
+    for name, value in zip(window.stat_names, stats, strict=True):
+        stats_total[name] = stats_total.get(name, 0.0) + value
+    train_loss = loss_sum / max(n_iters, 1)
+    rate = (progress.step - start_step) / (time.perf_counter() - train_start)
+    tokens = f" | {n_tokens / elapsed:.0f} tokens/s" if n_tokens else ""
+    log.info(
+        "step %d/%d (%.1f%%) | epoch %d | loss %.4f | lr %.2e | %.1f samples/s%s | ETA %s",
+        progress.step, num_steps, 100 * progress.step / num_steps, progress.epoch + 1, train_loss,
+        engine.get_lr()[0], n_rows / elapsed, tokens, _fmt_duration((end_step - progress.step) / rate),
+    )  # fmt: skip
+    window.sums.zero_()
+    window.started = time.perf_counter()
+    return train_loss

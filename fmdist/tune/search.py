@@ -234,9 +234,9 @@ def tune_run(cfg: Config, resume: bool = False) -> dict[str, Any]:
     """Run (or resume) the search; writes leaderboard, best.yaml, plot and the best model to the run dir."""
     from ray import tune
 
+    from fmdist.data.stream import total_steps, train_plan
     from fmdist.train.export import export
-    from fmdist.train.launch import ensure_ray, write_run_file
-    from fmdist.train.loop import total_steps
+    from fmdist.train.launch import cache_dir, ensure_ray, open_data, write_run_file
 
     if not cfg.tune.search_space:
         raise ConfigError(
@@ -247,6 +247,9 @@ def tune_run(cfg: Config, resume: bool = False) -> dict[str, Any]:
     ensure_ray(cfg, trials_at_once=2 if pbt else 1)
     run_dir = f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
     trials_dir = f"{run_dir}/{TRIALS_DIR}"
+    # Trials share the driver's cache of prepared inputs (prepared here, once, before any trial starts).
+    cfg.data.cache_dir = cache_dir(cfg)
+    sources = open_data(copy.deepcopy(cfg))
     base = cfg.to_dict()
     fits, why = concurrency(cfg)
     log.info("search %s: %d sample(s), %d trial(s) at a time because %s; more wait as PENDING", run_dir,
@@ -257,15 +260,8 @@ def tune_run(cfg: Config, resume: bool = False) -> dict[str, Any]:
     if pbt and cfg.tune.num_samples > fits:
         log.warning("PBT: the population is the %d trials that run at once; the other %d start as those finish "
                     "and are compared among themselves", fits, cfg.tune.num_samples - fits)  # fmt: skip
-    if cfg.train.max_steps is not None:
-        max_steps = cfg.train.max_steps
-    else:
-        from fmdist.data.sources import count_rows, resolve
-        from fmdist.train.loop import LoopIO
-
-        rows = count_rows(resolve(cfg.data.train))
-        plan = LoopIO(train_batches=None, num_train_rows=rows, report=None, scratch_dir="")
-        max_steps = total_steps(cfg, plan, cfg.scaling.num_workers)
+    # The same step plan as the trials' loops (ASHA's max_t, the plot's axis).
+    max_steps = total_steps(cfg, train_plan(cfg, sources["train"], cfg.scaling.num_workers))
     if pbt:
         from fmdist.tune.pbt import trial as pbt_trial
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import json
+import zlib
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image, PngImagePlugin
 
 from fmdist.data.prepare import prepare
 from fmdist.data.sources import count_rows, iter_tables, resolve
+from tests.ner_corpus import conll_file
 
 PLANTED = {
     "EMAIL": ["jane.doe@example.com", "r.smith+ml@mail.example.org"],
@@ -86,14 +90,21 @@ def test_split_shards_row_ids_and_manifest(tmp_path):
     for split in ("train", "eval"):
         source = resolve(str(out / split))
         assert source.manifest is not None and count_rows(source) == manifests[split]["total_rows"]
-        ids += [i for t in iter_tables(source) for i in t.column("row_id").to_pylist()]
+        ids += row_ids(out / split)
     assert sorted(ids) == list(range(1000))  # every row once, with a stable id
     again = prepare(
         [str(src)], str(tmp_path / "again"), rows_per_shard=300, eval_fraction=0.2, seed=7, output_format="arrow"
     )
     assert [s["sha256"] for s in again["eval"]["shards"]] == [s["sha256"] for s in eval_["shards"]]
-    other = prepare([str(src)], str(tmp_path / "other"), rows_per_shard=300, eval_fraction=0.2, seed=8)
-    assert other["eval"]["total_rows"] != eval_["total_rows"] or other["eval"]["shards"] != eval_["shards"]
+    # The seed decides the split: the same seed picks the same eval rows, another seed other rows.
+    prepare([str(src)], str(tmp_path / "other"), rows_per_shard=300, eval_fraction=0.2, seed=8, output_format="arrow")
+    assert row_ids(tmp_path / "again/eval") == row_ids(out / "eval")
+    assert row_ids(tmp_path / "other/eval") != row_ids(out / "eval")
+    assert train["label_names"] is None and train["task_hint"] is None
+
+
+def row_ids(directory: Path) -> list[int]:
+    return [i for t in iter_tables(resolve(str(directory))) for i in t.column("row_id").to_pylist()]
 
 
 def test_sst2_style_unquoted_tsv(tmp_path):
@@ -164,3 +175,116 @@ def resolve_unchecked(directory: Path):
     manifest = json.loads((directory / "manifest.json").read_text())
     files = tuple(str(directory / s["path"]) for s in manifest["shards"])
     return Source(str(directory), pafs.LocalFileSystem(), files, manifest["format"], manifest)
+
+
+def png_bytes(value: int, comment: str = "") -> bytes:
+    """A 4x4 grayscale PNG whose pixels depend on `value`; `comment` goes into a tEXt chunk."""
+    image = Image.new("L", (4, 4))
+    image.putdata([(value * 37 + i * 11) % 256 for i in range(16)])
+    info = PngImagePlugin.PngInfo()
+    if comment:
+        info.add_text("Comment", comment)
+    out = io.BytesIO()
+    image.save(out, format="PNG", pnginfo=info)
+    return out.getvalue()
+
+
+def with_bad_pixel_data(png: bytes) -> bytes:
+    """The PNG with its compressed pixel data spoiled, and the chunk's CRC made to match (so only decoding fails)."""
+    at = png.index(b"IDAT")
+    length = int.from_bytes(png[at - 4 : at], "big")
+    data = bytearray(png[at + 4 : at + 4 + length])
+    data[0] ^= 0xFF  # the zlib header
+    crc = zlib.crc32(b"IDAT" + data).to_bytes(4, "big")
+    return png[: at + 4] + bytes(data) + crc + png[at + 8 + length :]
+
+
+def write_image_folder(root: Path, images: dict[str, bytes]) -> Path:
+    for relative, data in images.items():
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_bytes(data)
+    return root
+
+
+def test_image_folder_rows_carry_the_file_bytes_and_the_class_of_their_folder(tmp_path):
+    images = {
+        "zebra/z1.png": png_bytes(1),
+        "zebra/z2.PNG": png_bytes(2),
+        "ant/a1.png": png_bytes(3, comment="contact jane.doe@example.com today"),  # text a redactor would replace
+        "ant/nested/a2.png": png_bytes(4),
+        "Mole/m1.png": png_bytes(5),
+        "Mole/m2.png": png_bytes(6),
+        "Mole/m3.png": png_bytes(7),
+    }
+    folder = write_image_folder(tmp_path / "images", images)
+    (folder / "ant/notes.txt").write_text("not an image")
+    (folder / "zebra/.hidden.png").write_bytes(b"skipped")
+    manifests = prepare([str(folder)], str(tmp_path / "out"), redact=True, rows_per_shard=2, eval_fraction=0.3, seed=3)
+    classes = ["Mole", "ant", "zebra"]  # plain string order, as torchvision's ImageFolder
+    rows = [
+        row
+        for split in ("train", "eval")
+        for t in iter_tables(resolve(str(tmp_path / "out" / split)))
+        for row in t.to_pylist()
+    ]
+    assert sorted(r["path"] for r in rows) == sorted(images)  # every image once; the .txt and hidden file skipped
+    for row in rows:
+        assert row["image"] == images[row["path"]], row["path"]  # unchanged bytes, redaction included
+        assert row["label"] == classes.index(row["path"].split("/")[0]), row["path"]
+    assert 0 < manifests["eval"]["total_rows"] < len(images)
+    for manifest in manifests.values():
+        assert manifest["label_names"] == classes and manifest["task_hint"] == "image-classification"
+        assert manifest["schema"] == {"row_id": "int64", "image": "binary", "label": "int64", "path": "string"}
+
+
+def test_bad_image_folders_get_clear_errors(tmp_path):
+    good = png_bytes(1)
+    folder = write_image_folder(tmp_path / "images", {"cat/ok.png": good, "dog/ok.png": good})
+    (folder / "dog/broken.png").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match=r"dog/broken.png' is corrupt or not an image \(no image format matches"):
+        prepare([str(folder)], str(tmp_path / "o1"))
+    (folder / "dog/broken.png").write_bytes(good[:-12])  # no IEND chunk: Pillow's verify() notices, load() does not
+    with pytest.raises(ValueError, match=r"dog/broken.png' is corrupt or not an image \(OSError: truncated"):
+        prepare([str(folder)], str(tmp_path / "o2"))
+    (folder / "dog/broken.png").write_bytes(with_bad_pixel_data(good))  # load() notices, verify() does not
+    with pytest.raises(ValueError, match=r"dog/broken.png' is corrupt or not an image \(OSError: broken data"):
+        prepare([str(folder)], str(tmp_path / "o2b"))
+    (folder / "dog/broken.png").unlink()
+    (folder / "emu").mkdir()
+    with pytest.raises(ValueError, match=r"class folder 'emu' holds no images"):
+        prepare([str(folder)], str(tmp_path / "o3"))
+    flat = write_image_folder(tmp_path / "flat", {"a.png": good})
+    with pytest.raises(ValueError, match=r"flat' is a directory with no class sub-folders"):
+        prepare([str(flat)], str(tmp_path / "o4"))
+    assert not (tmp_path / "o4").exists()  # nothing written before the inputs are checked
+
+
+def test_conll_label_names_are_the_tags_of_all_inputs_with_o_first(tmp_path):
+    more = tmp_path / "more.conll"
+    more.write_text("-DOCSTART- -X- -X- O\n\nEaster NNP B-NP B-DATE\nMonday NNP I-NP I-DATE\n. . O O\n")
+    inputs = [str(conll_file(tmp_path / "ner.txt", 200, seed=0)), str(more)]
+    manifests = prepare(inputs, str(tmp_path / "out"), eval_fraction=0.2, seed=0)
+    seen = {
+        tag
+        for split in ("train", "eval")
+        for table in iter_tables(resolve(str(tmp_path / "out" / split)))
+        for tags in table.column("tags").to_pylist()
+        for tag in tags
+    }
+    names = manifests["train"]["label_names"]
+    assert manifests["eval"]["label_names"] == names
+    assert names[0] == "O" and names[1:] == sorted(seen - {"O"})
+    assert {"B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-MISC", "B-DATE"} <= seen
+    assert manifests["train"]["task_hint"] == manifests["eval"]["task_hint"] == "token-classification"
+
+
+def test_image_folder_on_s3(s3_bucket, tmp_path):
+    import boto3
+
+    images = {"cat/1.png": png_bytes(1), "cat/2.png": png_bytes(2), "dog/1.png": png_bytes(3)}
+    for relative, data in images.items():
+        boto3.client("s3").put_object(Bucket=s3_bucket, Key=f"images/{relative}", Body=data)
+    manifests = prepare([f"s3://{s3_bucket}/images"], str(tmp_path / "out"))
+    rows = [row for t in iter_tables(resolve(str(tmp_path / "out/train"))) for row in t.to_pylist()]
+    assert [(r["path"], r["label"], r["image"]) for r in rows] == [(p, int(p[0] == "d"), d) for p, d in images.items()]
+    assert manifests["train"]["label_names"] == ["cat", "dog"]

@@ -122,7 +122,7 @@ def test_epoch_streams_plan_the_busiest_ranks_micro_batches_and_resume(shards):
     from fmdist.data.stream import EpochStreams
 
     cfg = from_dict({"data": {"train": shards.uri, "shuffle_window_rows": 50}, "train": {"micro_batch_size": 8}})
-    ranks = [EpochStreams(cfg, rank, 2) for rank in (0, 1)]
+    ranks = [EpochStreams(cfg, shards, rank, 2) for rank in (0, 1)]
     for epoch in (0, 1):
         counts = [len(list(r.batches(epoch))) for r in ranks]
         assert ranks[0].iters_per_epoch(epoch) == max(counts)
@@ -135,5 +135,5 @@ def test_epoch_streams_plan_the_busiest_ranks_micro_batches_and_resume(shards):
     ranks[0].restore(state)
     assert [b["row_id"] for b in ranks[0].batches(1)] == rest
     ranks[0].restore(state)  # a state of epoch 1 does not leak into epoch 2
-    fresh = EpochStreams(cfg, 0, 2)
+    fresh = EpochStreams(cfg, shards, 0, 2)
     assert [b["row_id"] for b in ranks[0].batches(2)] == [b["row_id"] for b in fresh.batches(2)]

@@ -8,8 +8,11 @@ from pathlib import Path
 import pytest
 
 from fmdist.config import from_dict
-from fmdist.train.loop import STATE_FILE, LoopIO, fit
-from tests.conftest import TINY_MODEL, sentiment_rows
+from fmdist.train.checkpoint import STATE_FILE, consolidated_state_dict
+from fmdist.train.loop import LoopIO, fit
+from fmdist.data.sources import resolve
+from fmdist.data.stream import EpochStreams
+from tests.conftest import TINY_MODEL, sentiment_rows, write_shards
 
 
 def micro_batches(rows: dict[str, list], size: int) -> list[dict[str, list]]:
@@ -44,6 +47,7 @@ def test_fit_runs_in_process_and_learns(tmp_path):
 
     io = LoopIO(
         train_batches=train_batches,
+        iters_per_epoch=lambda epoch: 13,
         num_train_rows=100,
         report=lambda metrics, path: reports.append((metrics, path)),
         scratch_dir=str(tmp_path),
@@ -61,7 +65,7 @@ def test_fit_runs_in_process_and_learns(tmp_path):
     assert last_metrics["eval/accuracy"] == summary["eval"]["accuracy"]
     state = json.loads((Path(last_path) / STATE_FILE).read_text())
     assert (state["step"], state["epoch"], state["iters_in_epoch"]) == (21, 2, 14)  # end of the 3rd epoch
-    assert (Path(last_path) / "hf" / "config.json").is_file() and (Path(last_path) / "rng_rank0.pt").is_file()
+    assert (Path(last_path) / "hf" / "config.json").is_file() and (Path(last_path) / "rng_rank0.json").is_file()
 
 
 def test_pause_at_step_keeps_the_schedule_and_a_restore_takes_new_hyperparameters(tmp_path):
@@ -70,21 +74,26 @@ def test_pause_at_step_keeps_the_schedule_and_a_restore_takes_new_hyperparameter
     restored weights' checksum equals the checkpoint's consolidated weights."""
     import torch
 
-    from fmdist.train.export import consolidated_state_dict
-
     raw = {
         "model": dict(TINY_MODEL),
-        "data": {"train": "unused-by-the-loop"},
-        "train": {"max_steps": 8, "micro_batch_size": 8, "lr": 3e-3, "shuffle": False, "log_every_steps": 4},
+        "train": {"max_steps": 8, "micro_batch_size": 8, "lr": 3e-3, "log_every_steps": 4},
+        "data": {"train": "unused-by-the-loop", "shuffle_window_rows": 16},
         "deepspeed": {"zero_stage": 2},
         "scaling": {"num_workers": 1},
     }
-    rows = micro_batches(sentiment_rows(64, seed=5), 8)
+    # The real per-rank stream over 4 shards, shuffled, so the pause lands mid-epoch with rows in
+    # the shuffle window: the resumed run must continue the stream exactly, not restart it.
+    source = resolve(str(write_shards(tmp_path / "shards", sentiment_rows(64, seed=5), rows_per_shard=16)))
 
     def run(name: str, cfg_raw: dict, stop: int | None = None, restore: str | None = None) -> list:
         reports: list[tuple[dict, str | None]] = []
+        cfg = from_dict(cfg_raw)
+        stream = EpochStreams(cfg, source, rank=0, world_size=1)
         io = LoopIO(
-            train_batches=lambda epoch: iter(rows),
+            train_batches=stream.batches,
+            iters_per_epoch=stream.iters_per_epoch,
+            data_state=stream.state,
+            restore_data_state=stream.restore,
             num_train_rows=64,
             report=lambda metrics, path: reports.append((metrics, path)),
             scratch_dir=str(tmp_path / name),
@@ -92,7 +101,7 @@ def test_pause_at_step_keeps_the_schedule_and_a_restore_takes_new_hyperparameter
             stop_at_step=stop,
             fingerprint_restore=restore is not None,
         )
-        fit(from_dict(cfg_raw), io)
+        fit(cfg, io)
         return reports
 
     whole = run("whole", raw)[-1]

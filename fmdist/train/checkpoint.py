@@ -1,0 +1,189 @@
+"""Checkpoints: save and load a run's state on every rank, find the newest, consolidate the weights.
+
+A checkpoint directory holds:
+- `ds/`: DeepSpeed's own files (every rank's ZeRO shard, the optimizer and LR scheduler states);
+- `rng_rank{r}.json` and `data_rank{r}.json` (+ `.arrow`): each rank's RNG and stream position, as
+  JSON and Arrow, never pickles, so that loading them cannot run code;
+- `fmdist_state.json` (rank 0): step, epoch, world size, ZeRO stage, the effective config (with its
+  frozen label set) and the eval metrics;
+- `hf/` (rank 0): the model config and the processor (tokenizer or image processor), for export.
+
+Every function takes what it needs as arguments; nothing here knows about Ray or the loop.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import torch
+import torch.distributed as dist
+
+from fmdist.data.fs import filesystem
+
+DS_TAG = "ds"
+STATE_FILE = "fmdist_state.json"
+HF_DIR = "hf"
+CHECKPOINT_PREFIX = "checkpoint_step_"
+
+
+def _rng_state() -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
+def _save_data_state(directory: Path, rank: int, data_state: dict[str, Any]) -> None:
+    """The stream position as JSON, and the rows of its shuffle window as an Arrow table."""
+    window = data_state["window"]
+    columns = data_state["columns"]
+    table = pa.table({c: [row[i] for row in window] for i, c in enumerate(columns)})
+    with pa.OSFile(str(directory / f"data_rank{rank}.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+        w.write_table(table)
+    rest = {k: v for k, v in data_state.items() if k != "window"}
+    (directory / f"data_rank{rank}.json").write_text(json.dumps(rest))
+
+
+def _load_data_state(directory: Path, rank: int) -> dict[str, Any] | None:
+    state = json.loads((directory / f"data_rank{rank}.json").read_text())
+    if state is None:
+        return None  # written by a caller without a stream (in-process tests, benchmarks)
+    if not (directory / f"data_rank{rank}.arrow").is_file():
+        raise RuntimeError(
+            f"checkpoint {directory} is missing data_rank{rank}.arrow; it is incomplete. Delete it to resume "
+            "from an older one."
+        )
+    with pa.memory_map(str(directory / f"data_rank{rank}.arrow")) as source:
+        table = pa.ipc.open_file(source).read_all()
+    columns = [table.column(c).to_pylist() for c in state["columns"]]
+    state["window"] = list(zip(*columns, strict=True)) if columns else []
+    return state
+
+
+def save(
+    engine: Any,
+    directory: str,
+    state: dict[str, Any],
+    meta: dict[str, Any],
+    processor: Any,
+    data_state: dict[str, Any] | None,
+) -> str:
+    """Every rank writes its DeepSpeed shard, RNG and stream position; rank 0 the metadata and `hf/`.
+
+    Collective: DeepSpeed barriers inside `save_checkpoint`; each rank writes only its own files.
+    """
+    rank = dist.get_rank()
+    path = Path(directory)
+    engine.save_checkpoint(str(path), tag=DS_TAG, client_state=state)
+    (path / f"rng_rank{rank}.json").write_text(json.dumps(_rng_state()))
+    if data_state is not None:
+        _save_data_state(path, rank, data_state)
+    else:
+        (path / f"data_rank{rank}.json").write_text("null")
+    if rank == 0:
+        (path / STATE_FILE).write_text(json.dumps({**state, **meta}, indent=2, default=str))
+        engine.module.config.save_pretrained(path / HF_DIR)
+        processor.save_pretrained(path / HF_DIR)
+    return str(path)
+
+
+def read_meta(directory: str) -> dict[str, Any]:
+    state_file = Path(directory) / STATE_FILE
+    if not state_file.is_file():
+        raise RuntimeError(
+            f"checkpoint {directory} has no {STATE_FILE}; it is incomplete. Delete it to resume from an older one."
+        )
+    return json.loads(state_file.read_text())
+
+
+def load(engine: Any, directory: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Restore model, optimizer, scheduler and RNG on this rank; returns (client state, stream position).
+
+    Every rank must find its own files: a missing one is an error naming it, never a silent
+    fallback (that would replay or skip rows).
+    """
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    meta = read_meta(directory)
+    if meta["world_size"] != world_size:
+        raise RuntimeError(
+            f"checkpoint {directory} was written by {meta['world_size']} worker(s) but this run has {world_size}; "
+            f"each worker's data-stream position belongs to its own share of the shards, so resuming on another "
+            f"worker count would repeat or skip rows. Set scaling.num_workers={meta['world_size']} to resume it."
+        )
+    try:
+        load_path, client_state = engine.load_checkpoint(
+            directory, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+    except (OSError, RuntimeError, KeyError, EOFError) as exc:
+        raise RuntimeError(f"checkpoint {directory} could not be read on rank {rank}: {exc}") from exc
+    if load_path is None:
+        raise RuntimeError(f"checkpoint {directory} could not be read on rank {rank}: no DeepSpeed shard for {DS_TAG}.")
+    for name in (f"rng_rank{rank}.json", f"data_rank{rank}.json"):
+        if not (Path(directory) / name).is_file():
+            raise RuntimeError(
+                f"checkpoint {directory} is missing {name}; it is incomplete. Delete it to resume from an older one."
+            )
+    _set_rng_state(json.loads((Path(directory) / f"rng_rank{rank}.json").read_text()))
+    return client_state, _load_data_state(Path(directory), rank)
+
+
+def find(run_or_checkpoint: str) -> str:
+    """The checkpoint itself, or the newest `checkpoint_step_*` inside a run directory."""
+    fs, path = filesystem(run_or_checkpoint)
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"{run_or_checkpoint!r} is not a run or checkpoint directory.")
+    if fs.get_file_info(f"{path}/{STATE_FILE}").type == pafs.FileType.File:
+        return run_or_checkpoint
+    children = fs.get_file_info(pafs.FileSelector(path))
+    checkpoints = sorted(c.base_name for c in children if c.base_name.startswith(CHECKPOINT_PREFIX))
+    if not checkpoints:
+        raise FileNotFoundError(
+            f"{run_or_checkpoint!r} has no {CHECKPOINT_PREFIX}* directories and no {STATE_FILE}; "
+            "pass a run directory (run.storage_path/run.name) or one of its checkpoints."
+        )
+    return f"{run_or_checkpoint.rstrip('/')}/{checkpoints[-1]}"
+
+
+def local_copy(uri: str, scratch: str | None = None) -> str:
+    """A local directory with the checkpoint's files (downloaded when it lives on S3)."""
+    if "://" not in uri:
+        return uri
+    scratch = scratch or tempfile.mkdtemp(prefix="fmdist-checkpoint-")
+    fs, path = filesystem(uri)
+    pafs.copy_files(path, scratch, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return scratch
+
+
+def consolidated_state_dict(directory: str) -> dict[str, torch.Tensor]:
+    """fp32 weights gathered from every rank's shard (or the plain module states for ZeRO-0)."""
+    meta = read_meta(directory)
+    if meta["zero_stage"] == 0:
+        states = torch.load(Path(directory) / DS_TAG / "mp_rank_00_model_states.pt", weights_only=False)
+        return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(directory, tag=DS_TAG)
