@@ -56,11 +56,11 @@ def main() -> None:
     args = parser.parse_args()
 
     from fmdist.config import ModelConfig
-    from fmdist.tasks.sequence_classification import load_tokenizer
+    from fmdist.tasks.common import load_tokenizer
 
     shards = make_shards(args.copies, args.rows_per_shard)
     source = resolve(shards)
-    tokenizer = load_tokenizer(ModelConfig())
+    tokenizer = load_tokenizer(ModelConfig().name_or_path)
 
     def raw_scan() -> int:
         n = 0
@@ -71,7 +71,7 @@ def main() -> None:
 
     def stream(tokenize: bool = False) -> int:
         n = 0
-        s = ShardStream(source, rank=0, world_size=1, epoch=0, seed=0, shuffle=True, window_rows=1024)
+        s = ShardStream(source, slot=0, slots=1, epoch=0, seed=0, shuffle=True, window_rows=1024)
         for batch in s.batches(args.micro):
             if tokenize:
                 tokenizer(batch["sentence"], truncation=True, max_length=128, padding="longest", return_tensors="pt")
@@ -86,6 +86,7 @@ def main() -> None:
 
     cfg = from_dict(
         {
+            "model": {"num_labels": 2},
             "data": {"train": shards},
             "train": {"max_steps": args.steps, "micro_batch_size": args.micro, "log_every_steps": 10**6},
             "deepspeed": {"zero_stage": 2},
@@ -95,7 +96,7 @@ def main() -> None:
     total = source.manifest["total_rows"]
 
     def streamed(epoch: int):
-        return ShardStream(source, rank=0, world_size=1, epoch=epoch, seed=0, shuffle=True, window_rows=1024).batches(
+        return ShardStream(source, slot=0, slots=1, epoch=epoch, seed=0, shuffle=True, window_rows=1024).batches(
             args.micro
         )
 
@@ -105,7 +106,11 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, batches in (("preloaded", lambda epoch: iter(preloaded)), ("stream", streamed)):
             io = LoopIO(
-                train_batches=batches, num_train_rows=total, report=lambda m, p: None, scratch_dir=tempfile.mkdtemp()
+                train_batches=batches,
+                iters_per_epoch=lambda epoch: args.steps,
+                num_train_rows=total,
+                report=lambda m, p: None,
+                scratch_dir=tempfile.mkdtemp(),
             )
             results[name].append(fit(cfg, io)["train/steady_samples_per_s"])
     ratios = [st / pre for st, pre in zip(results["stream"], results["preloaded"], strict=True)]

@@ -40,12 +40,14 @@ def batches(data: str, tokenizer, micro: int, count: int, offset: int, stride: i
 
 
 def _model_and_tokenizer():
-    from fmdist.config import ModelConfig
-    from fmdist.tasks.sequence_classification import build_model, load_tokenizer
+    from fmdist.config import freeze_labels, from_dict
+    from fmdist.tasks import get
 
     torch.manual_seed(0)
-    cfg = ModelConfig()
-    return build_model(cfg), load_tokenizer(cfg)
+    cfg = from_dict({"data": {"train": "unused"}, "model": {"num_labels": 2}})
+    freeze_labels(cfg, None)
+    task = get(cfg.model.task)
+    return task.build_model(cfg), task.load_processor(cfg.model.name_or_path)
 
 
 def bare_deepspeed_rank(rank: int, world: int, args: argparse.Namespace, port: int, out: str) -> None:

@@ -96,3 +96,29 @@ def test_presets_are_valid():
 def test_reference_doc_matches_the_code():
     doc = (REPO / "docs" / "config.md").read_text()
     assert doc.strip() == config.reference_markdown().strip(), "run: fmdist config-reference > docs/config.md"
+
+
+def test_a_mistyped_field_does_not_hide_later_problems(tmp_path):
+    """A type error used to stop validation: `tune.quantile_fraction: x` hid `run.keep_checkpoints: -1`."""
+    raw = {"data": {"train": "x"}, "tune": {"quantile_fraction": "x"}, "run": {"keep_checkpoints": -1}}
+    with pytest.raises(ConfigError) as err:
+        config.load(write(tmp_path, raw))
+    assert "tune.quantile_fraction: expected float, got str 'x'" in str(err.value)
+    assert "run.keep_checkpoints: must be greater than 0, got -1" in str(err.value)
+
+
+def test_the_label_set_comes_from_the_config_or_the_manifest_and_must_agree(tmp_path):
+    cfg = config.load(write(tmp_path, {"model": {"task": "token-classification"}, "data": {"train": "x"}}))
+    assert (cfg.data.text_column, cfg.data.label_column) == ("tokens", "tags")  # the task's defaults
+    config.freeze_labels(cfg, ["O", "B-PER", "I-PER"])
+    assert (cfg.model.label_names, cfg.model.num_labels) == (["O", "B-PER", "I-PER"], 3)
+    counted = config.load(write(tmp_path, {"model": {"num_labels": 4}, "data": {"train": "x"}}))
+    with pytest.raises(ConfigError, match="model.num_labels: is 4 but the training data's manifest names 3"):
+        config.freeze_labels(counted, ["a", "b", "c"])
+    named = config.load(write(tmp_path, {"model": {"label_names": ["neg", "pos"]}, "data": {"train": "x"}}))
+    config.freeze_labels(named, ["0", "1"])  # the config's names win over the manifest's
+    assert named.model.label_names == ["neg", "pos"]
+    with pytest.raises(ConfigError, match="model.label_names: the label set is unknown"):
+        config.freeze_labels(config.load(write(tmp_path, {"data": {"train": "x"}})), None)
+    with pytest.raises(ConfigError, match="has 2 names but model.num_labels is 3"):
+        config.load(write(tmp_path, {"model": {"label_names": ["a", "b"], "num_labels": 3}, "data": {"train": "x"}}))

@@ -6,15 +6,21 @@ resume mid-epoch (ray#37633), so a resumed run must either repeat rows or read a
 everything before the checkpoint. This stream's position is a small state (a cursor, the rows in
 the shuffle window, the RNG) saved with each checkpoint; resume reads on from the cursor's shard.
 
-The plan of an epoch is a pure function of (manifest, seed, epoch, world size), so every rank
+The unit of ownership is a *slot*: one micro-batch position of the global batch. A run has
+world_size x gradient_accumulation_steps slots; rank r's slots are r*A .. r*A + A-1, and its iter i
+takes a micro-batch from slot r*A + i % A. So 2 workers x accumulation 1 and 1 worker x accumulation
+2 put the same rows into every optimizer step.
+
+The plan of an epoch is a pure function of (manifest, seed, epoch, number of slots), so every rank
 computes it alone:
 - shard order: a seeded permutation per epoch (or manifest order without shuffling);
-- ownership: shard k of that order belongs to rank k % world_size, so a rank reads only its shards
-  and every row is owned by exactly one rank;
-- a bounded shuffle window per rank (seeded per epoch and rank) mixes rows across its shards.
-Ranks may own different row counts; the loop keeps them in lockstep (loop._joined).
+- ownership: shard k of that order belongs to slot k % slots, so a rank reads only its shards and
+  every row is owned by exactly one slot;
+- a bounded shuffle window per slot (seeded per epoch and slot) mixes rows across its shards.
+Slots may own different row counts: a slot that ran out yields a placeholder (None) for its turns,
+and the loop keeps ranks in lockstep (loop._joined).
 
-Memory is bounded by one shard being read, one prefetched, and the shuffle window.
+Memory is bounded, per slot, by one shard being read, one prefetched, and the shuffle window.
 
 Evaluation reads contiguous row ranges instead (`eval_batches`): rank r of W takes rows
 [r*N/W, (r+1)*N/W) in order, so every eval row counts exactly once and ranks get even shares.
@@ -38,21 +44,21 @@ from fmdist.data.sources import Source, read_shard
 PREFETCH_SHARDS = 1
 
 
-def epoch_shards(source: Source, seed: int, epoch: int, rank: int, world_size: int, shuffle: bool) -> list[int]:
-    """Indices (into the manifest) of the shards this rank reads in this epoch, in reading order."""
+def epoch_shards(source: Source, seed: int, epoch: int, slot: int, slots: int, shuffle: bool) -> list[int]:
+    """Indices (into the manifest) of the shards this slot reads in this epoch, in reading order."""
     order = list(range(len(source.manifest["shards"])))
     if shuffle:
         random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order[rank::world_size]
+    return order[slot::slots]
 
 
 @dataclass
 class StreamState:
-    """Where a rank's stream stands: enough to continue without repeating, skipping or re-reading rows."""
+    """Where a slot's stream stands: enough to continue without repeating, skipping or re-reading rows."""
 
     epoch: int
     cursor: tuple[int, int]
-    """(position in this rank's shard list, row offset) of the next row to enter the window."""
+    """(position in this slot's shard list, row offset) of the next row to enter the window."""
     window: list[tuple]
     """The rows waiting in the shuffle window (at most `window_rows`: bounded, saved with the checkpoint)."""
     columns: list[str]
@@ -80,14 +86,14 @@ class StreamState:
 
 
 class ShardStream:
-    """Rows of one rank for one epoch, as micro-batches of columns."""
+    """Rows of one slot for one epoch, as micro-batches of columns."""
 
     def __init__(
         self,
         source: Source,
         *,
-        rank: int,
-        world_size: int,
+        slot: int,
+        slots: int,
         epoch: int,
         seed: int,
         shuffle: bool,
@@ -98,9 +104,9 @@ class ShardStream:
             raise ValueError(f"{source.uri}: not shards; open it with data.inputs.open_split first.")
         self.source = source
         self.epoch = epoch
-        self.shards = epoch_shards(source, seed, epoch, rank, world_size, shuffle)
+        self.shards = epoch_shards(source, seed, epoch, slot, slots, shuffle)
         self.window_rows = window_rows if shuffle else 0
-        self._rng = random.Random(seed * 7919 + epoch * 104_729 + rank)
+        self._rng = random.Random(seed * 7919 + epoch * 104_729 + slot)
         # Rows are tuples in `self._columns` order: far cheaper to build and shuffle than dicts.
         self._window: list[tuple] = []
         self._columns: list[str] = list(source.manifest["schema"])
@@ -184,14 +190,19 @@ class ShardStream:
             yield dict(zip(self._columns, map(list, zip(*batch, strict=True)), strict=True))
 
 
-def iters_per_epoch(source: Source, seed: int, epoch: int, world_size: int, micro_batch_size: int, shuffle: bool) -> int:
-    """Micro-batches of the busiest rank in an epoch (ranks own whole shards, so counts differ)."""
+def iters_per_epoch(
+    source: Source, seed: int, epoch: int, world_size: int, accumulation: int, micro_batch_size: int, shuffle: bool
+) -> int:
+    """Micro-batches of the busiest rank in an epoch: `accumulation` turns for each micro-batch of its
+    fullest slot (slots own whole shards, so counts differ)."""
     shards = source.manifest["shards"]
-    return max(
-        math.ceil(sum(shards[i]["rows"] for i in epoch_shards(source, seed, epoch, r, world_size, shuffle))
+    slots = world_size * accumulation
+    fullest = max(
+        math.ceil(sum(shards[i]["rows"] for i in epoch_shards(source, seed, epoch, slot, slots, shuffle))
                   / micro_batch_size)
-        for r in range(world_size)
+        for slot in range(slots)
     )  # fmt: skip
+    return fullest * accumulation
 
 
 def steps_per_epoch(iters: int, gradient_accumulation_steps: int) -> int:
@@ -211,7 +222,13 @@ def total_steps(cfg: Config, iters: Callable[[int], int]) -> int:
 def train_plan(cfg: Config, source: Source, world_size: int) -> Callable[[int], int]:
     """epoch -> micro-batches of the busiest rank, for this config's training stream."""
     return lambda epoch: iters_per_epoch(
-        source, cfg.train.seed, epoch, world_size, cfg.train.micro_batch_size, cfg.train.shuffle
+        source,
+        cfg.train.seed,
+        epoch,
+        world_size,
+        cfg.train.gradient_accumulation_steps,
+        cfg.train.micro_batch_size,
+        cfg.train.shuffle,
     )
 
 
@@ -244,36 +261,59 @@ def eval_batches(source: Source, rank: int, world_size: int, micro_batch_size: i
 
 
 class EpochStreams:
-    """A rank's training data as the loop wants it: one ShardStream per epoch, its state, its size."""
+    """A rank's training data as the loop wants it: its slots' streams interleaved, their state, the plan."""
 
     def __init__(self, cfg: Config, source: Source, rank: int, world_size: int):
         self.cfg = cfg
         self.rank = rank
         self.world_size = world_size
         self.source = source
-        self.current: ShardStream | None = None
-        self.pending: StreamState | None = None
+        self.accumulation = cfg.train.gradient_accumulation_steps
+        self.current: list[ShardStream] = []
+        self.pending: list[StreamState] | None = None
+        self._turn = 0
 
-    def batches(self, epoch: int):
-        resume = self.pending if self.pending is not None and self.pending.epoch == epoch else None
+    def batches(self, epoch: int) -> Iterator[dict[str, list] | None]:
+        """Micro-batches in turn from this rank's slots; None is a placeholder for a slot that ran out
+        while another of the rank's slots still has rows (so turns stay aligned with slots)."""
+        resume = self.pending if self.pending is not None and self.pending[0].epoch == epoch else None
         self.pending = None
-        self.current = ShardStream(
-            self.source,
-            rank=self.rank,
-            world_size=self.world_size,
-            epoch=epoch,
-            seed=self.cfg.train.seed,
-            shuffle=self.cfg.train.shuffle,
-            window_rows=self.cfg.data.shuffle_window_rows,
-            resume=resume,
-        )
-        return self.current.batches(self.cfg.train.micro_batch_size)
+        slots = self.world_size * self.accumulation
+        self.current = [
+            ShardStream(
+                self.source,
+                slot=self.rank * self.accumulation + j,
+                slots=slots,
+                epoch=epoch,
+                seed=self.cfg.train.seed,
+                shuffle=self.cfg.train.shuffle,
+                window_rows=self.cfg.data.shuffle_window_rows,
+                resume=resume[j] if resume is not None else None,
+            )
+            for j in range(self.accumulation)
+        ]
+        return self._interleaved([s.batches(self.cfg.train.micro_batch_size) for s in self.current])
+
+    def _interleaved(self, streams: list[Iterator[dict[str, list]]]) -> Iterator[dict[str, list] | None]:
+        live = [True] * len(streams)
+        # Checkpoints fall on optimizer steps, i.e. when every slot has had the same number of turns.
+        self._turn = 0
+        while True:
+            j = self._turn % len(streams)
+            batch = next(streams[j], None) if live[j] else None
+            live[j] = batch is not None
+            if not any(live):
+                return
+            self._turn += 1
+            yield batch
 
     def iters_per_epoch(self, epoch: int) -> int:
         return train_plan(self.cfg, self.source, self.world_size)(epoch)
 
     def state(self) -> dict[str, Any] | None:
-        return self.current.state().to_dict() if self.current is not None else None
+        if not self.current:
+            return None
+        return {"slots": [s.state().to_dict() for s in self.current]}
 
     def restore(self, state: dict[str, Any] | None) -> None:
-        self.pending = StreamState.from_dict(state) if state is not None else None
+        self.pending = [StreamState.from_dict(s) for s in state["slots"]] if state is not None else None

@@ -2,20 +2,28 @@
 
 A checkpoint directory holds:
 - `ds/`: DeepSpeed's own files (every rank's ZeRO shard, the optimizer and LR scheduler states);
-- `rng_rank{r}.json` and `data_rank{r}.json` (+ `.arrow`): each rank's RNG and stream position, as
-  JSON and Arrow, never pickles, so that loading them cannot run code;
+- `rng_rank{r}.json`, `data_rank{r}.json` and `data_rank{r}_slot{j}.arrow`: each rank's RNG and
+  stream position (its shuffle windows as Arrow tables), never pickles, so loading cannot run code;
 - `fmdist_state.json` (rank 0): step, epoch, world size, ZeRO stage, the effective config (with its
   frozen label set) and the eval metrics;
 - `hf/` (rank 0): the model config and the processor (tokenizer or image processor), for export.
+
+A checkpoint must not be able to run code: every torch file in it is read inside
+`weights_only_loads`, DeepSpeed's own loads included (see there).
 
 Every function takes what it needs as arguments; nothing here knows about Ray or the loop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import pickle
 import random
+import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +39,81 @@ DS_TAG = "ds"
 STATE_FILE = "fmdist_state.json"
 HF_DIR = "hf"
 CHECKPOINT_PREFIX = "checkpoint_step_"
+FORCE_WEIGHTS_ONLY_ENV = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+_FORCE_NO_WEIGHTS_ONLY_ENV = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+
+
+def _deepspeed_safe_types() -> list[type]:
+    """The non-tensor types that DeepSpeed 0.19 pickles into its checkpoint files, and nothing else.
+
+    Each is plain data: the weights-only unpickler makes it with `cls.__new__` plus a `__dict__`
+    update (the dataclass and the loss scalers, none of which defines `__setstate__`) or, for the
+    int enum, a lookup by value, so none can run code while loading. Found by saving ZeRO-0/1/2/3
+    checkpoints (fp32, bf16, optimizer offload) and listing what the weights-only unpickler refuses:
+    - `ZeroStageEnum`: the stage, in every ZeRO-1/2/3 optimizer-states file;
+    - `fragment_address` (numel, start): ZeRO-1/2 and the bf16 optimizer's parameter slice map;
+    - `LossScaler`: ZeRO-1/2/3 save their loss scaler object (a static scale of 1 unless fp16);
+    - `DynamicLossScaler`: the same object under fp16 with dynamic scaling (fmdist's fp16 config),
+      which only a GPU runs (`CreateLossScaler` in deepspeed/runtime/fp16/loss_scaler.py).
+    Never add a callable that can reach code (builtins, `functools.partial`, `os`, `subprocess`).
+    """
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
+
+
+def _refused_files(directory: str) -> list[str]:
+    """Torch files under `directory` that hold globals outside the allowlist, each with those globals.
+
+    Read statically (the pickle's opcodes are listed, never executed); call it with the allowlist active.
+    """
+    refused = []
+    for path in sorted(Path(directory).rglob("*.pt")):
+        try:
+            unsafe = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        except (ValueError, RuntimeError, OSError):
+            unsafe = ["not a torch.save zip archive, so it cannot be checked"]
+        if unsafe:
+            refused.append(f"{path} ({', '.join(unsafe)})")
+    return refused
+
+
+@contextlib.contextmanager
+def weights_only_loads(directory: str) -> Iterator[None]:
+    """Every `torch.load` inside, DeepSpeed's included, unpickles tensors and allowlisted types only.
+
+    DeepSpeed's `load_checkpoint` and `zero_to_fp32` call `torch.load(..., weights_only=False)`, which
+    runs whatever a planted pickle asks for. PyTorch reads TORCH_FORCE_WEIGHTS_ONLY_LOAD at each call
+    and then uses its weights-only unpickler even where the caller passed `weights_only=False`; the
+    opposite variable is lifted meanwhile (torch refuses both at once). The environment is the
+    process's, so a `torch.load` on another thread meanwhile is held to weights-only too, which is
+    only stricter. A refused load raises a RuntimeError naming the files and globals, never a fallback.
+    """
+    saved = {name: os.environ.pop(name, None) for name in (FORCE_WEIGHTS_ONLY_ENV, _FORCE_NO_WEIGHTS_ONLY_ENV)}
+    os.environ[FORCE_WEIGHTS_ONLY_ENV] = "1"
+    try:
+        with torch.serialization.safe_globals(_deepspeed_safe_types()):
+            try:
+                yield
+            except pickle.UnpicklingError as exc:
+                reason = re.search(r"WeightsUnpickler error: ([^\n]*)", str(exc))
+                files = _refused_files(directory) or [
+                    f"a file in {directory} ({reason.group(1) if reason else str(exc).splitlines()[0]})"
+                ]
+                raise RuntimeError(
+                    f"checkpoint {directory} was refused for safety: {'; '.join(files)} holds objects other "
+                    "than tensors and the plain types DeepSpeed saves, and unpickling them could run code. "
+                    "Delete this checkpoint and resume from an older one (or train again); do not load it "
+                    "with weights_only=False unless you know who wrote it."
+                ) from exc
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _rng_state() -> dict[str, Any]:
@@ -57,29 +140,33 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _save_data_state(directory: Path, rank: int, data_state: dict[str, Any]) -> None:
-    """The stream position as JSON, and the rows of its shuffle window as an Arrow table."""
-    window = data_state["window"]
-    columns = data_state["columns"]
-    table = pa.table({c: [row[i] for row in window] for i, c in enumerate(columns)})
-    with pa.OSFile(str(directory / f"data_rank{rank}.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
-        w.write_table(table)
-    rest = {k: v for k, v in data_state.items() if k != "window"}
-    (directory / f"data_rank{rank}.json").write_text(json.dumps(rest))
+    """The stream position as JSON, and each slot's shuffle-window rows as an Arrow table."""
+    slots = []
+    for j, slot in enumerate(data_state["slots"]):
+        window, columns = slot["window"], slot["columns"]
+        table = pa.table({c: [row[i] for row in window] for i, c in enumerate(columns)})
+        with pa.OSFile(str(directory / f"data_rank{rank}_slot{j}.arrow"), "wb") as sink:
+            with pa.ipc.new_file(sink, table.schema) as writer:
+                writer.write_table(table)
+        slots.append({k: v for k, v in slot.items() if k != "window"})
+    (directory / f"data_rank{rank}.json").write_text(json.dumps({"slots": slots}))
 
 
 def _load_data_state(directory: Path, rank: int) -> dict[str, Any] | None:
     state = json.loads((directory / f"data_rank{rank}.json").read_text())
     if state is None:
         return None  # written by a caller without a stream (in-process tests, benchmarks)
-    if not (directory / f"data_rank{rank}.arrow").is_file():
-        raise RuntimeError(
-            f"checkpoint {directory} is missing data_rank{rank}.arrow; it is incomplete. Delete it to resume "
-            "from an older one."
-        )
-    with pa.memory_map(str(directory / f"data_rank{rank}.arrow")) as source:
-        table = pa.ipc.open_file(source).read_all()
-    columns = [table.column(c).to_pylist() for c in state["columns"]]
-    state["window"] = list(zip(*columns, strict=True)) if columns else []
+    for j, slot in enumerate(state["slots"]):
+        window_file = directory / f"data_rank{rank}_slot{j}.arrow"
+        if not window_file.is_file():
+            raise RuntimeError(
+                f"checkpoint {directory} is missing {window_file.name}; it is incomplete. Delete it to resume "
+                "from an older one."
+            )
+        with pa.memory_map(str(window_file)) as source:
+            table = pa.ipc.open_file(source).read_all()
+        columns = [table.column(c).to_pylist() for c in slot["columns"]] if table.num_rows else []
+        slot["window"] = list(zip(*columns, strict=True)) if columns else []
     return state
 
 
@@ -133,12 +220,13 @@ def load(engine: Any, directory: str) -> tuple[dict[str, Any], dict[str, Any] | 
             f"each worker's data-stream position belongs to its own share of the shards, so resuming on another "
             f"worker count would repeat or skip rows. Set scaling.num_workers={meta['world_size']} to resume it."
         )
-    try:
-        load_path, client_state = engine.load_checkpoint(
-            directory, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
-    except (OSError, RuntimeError, KeyError, EOFError) as exc:
-        raise RuntimeError(f"checkpoint {directory} could not be read on rank {rank}: {exc}") from exc
+    with weights_only_loads(directory):
+        try:
+            load_path, client_state = engine.load_checkpoint(
+                directory, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
+        except (OSError, RuntimeError, KeyError, EOFError) as exc:
+            raise RuntimeError(f"checkpoint {directory} could not be read on rank {rank}: {exc}") from exc
     if load_path is None:
         raise RuntimeError(f"checkpoint {directory} could not be read on rank {rank}: no DeepSpeed shard for {DS_TAG}.")
     for name in (f"rng_rank{rank}.json", f"data_rank{rank}.json"):
@@ -181,9 +269,10 @@ def local_copy(uri: str, scratch: str | None = None) -> str:
 def consolidated_state_dict(directory: str) -> dict[str, torch.Tensor]:
     """fp32 weights gathered from every rank's shard (or the plain module states for ZeRO-0)."""
     meta = read_meta(directory)
-    if meta["zero_stage"] == 0:
-        states = torch.load(Path(directory) / DS_TAG / "mp_rank_00_model_states.pt", weights_only=False)
-        return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    with weights_only_loads(directory):
+        if meta["zero_stage"] == 0:
+            states = torch.load(Path(directory) / DS_TAG / "mp_rank_00_model_states.pt", weights_only=True)
+            return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(directory, tag=DS_TAG)
+        return get_fp32_state_dict_from_zero_checkpoint(directory, tag=DS_TAG)

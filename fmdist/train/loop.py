@@ -120,18 +120,19 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def _joined(batches: Iterator[Rows], device: torch.device) -> Iterator[Rows | None]:
+def _joined(batches: Iterator[Rows | None], device: torch.device) -> Iterator[Rows | None]:
     """Yield this rank's batches, then None while other ranks still have data.
 
     Ranks own different shares of the rows (whole shards), so they can differ by batches; DeepSpeed
     needs every rank in every forward/backward (ZeRO gathers, gradient all-reduce), so a rank that
     ran out runs a zero-weight placeholder batch instead of hanging or dropping the others' rows.
+    A source may itself yield None mid-epoch (one of its slots ran out): also a placeholder.
     """
     while True:
-        rows = next(batches, None)
-        if not _any_rank(rows is not None, device):
+        rows = next(batches, _EPOCH_OVER)
+        if not _any_rank(rows is not _EPOCH_OVER, device):
             return
-        yield rows
+        yield None if rows is _EPOCH_OVER else rows
 
 
 def _fmt_duration(seconds: float) -> str:

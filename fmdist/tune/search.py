@@ -347,13 +347,19 @@ def tune_run(cfg: Config, resume: bool = False) -> dict[str, Any]:
     return summary
 
 
+def _show(value: Any) -> str:
+    """A config value in full, floats to 4 significant digits (lr 8.101237e-05 prints as 8.101e-05)."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def format_leaderboard(rows: list[dict[str, Any]], cfg: Config) -> str:
     keys = list(cfg.tune.search_space)
-    head = f"{'#':>3} {'trial':<28}{'status':<8}{cfg.tune.metric:>16}{'steps':>7}{'worker-s':>10}  " + "  ".join(keys)
-    lines = [f"leaderboard ({cfg.tune.mode} {cfg.tune.metric})", head]
+    widths = {k: max(len(k), *(len(_show(r["config"].get(k))) for r in rows)) for k in keys}
+    head = f"{'#':>3} {'trial':<28}{'status':<8}{cfg.tune.metric:>16}{'steps':>7}{'worker-s':>10}  "
+    lines = [f"leaderboard ({cfg.tune.mode} {cfg.tune.metric})", head + "  ".join(f"{k:<{widths[k]}}" for k in keys)]
     for i, r in enumerate(rows, 1):
         metric = f"{r['best_metric']:.4f}" if r["best_metric"] is not None else "-"
-        values = "  ".join(f"{r['config'].get(k)!s:.10}" for k in keys)
+        values = "  ".join(f"{_show(r['config'].get(k)):<{widths[k]}}" for k in keys)
         lines.append(
             f"{i:>3} {r['trial'][:27]:<28}{r['status']:<8}{metric:>16}{r['steps'] or 0:>7}{r['worker_seconds']:>10}  {values}"
         )

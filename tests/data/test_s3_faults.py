@@ -90,7 +90,7 @@ def test_transient_503s_are_retried_and_every_row_arrives_once(prepared_on_s3, s
             i
             for rank in (0, 1)
             for b in ShardStream(
-                source, rank=rank, world_size=2, epoch=0, seed=0, shuffle=True, window_rows=64
+                source, slot=rank, slots=2, epoch=0, seed=0, shuffle=True, window_rows=64
             ).batches(16)
             for i in b["row_id"]
         ]
@@ -109,7 +109,7 @@ def test_past_the_retry_budget_the_read_fails_loudly_naming_the_shard(prepared_o
         from fmdist.data.fs import s3_filesystem
 
         source = type(source)(source.uri, s3_filesystem(), source.files, source.format, source.manifest)
-        stream = ShardStream(source, rank=0, world_size=1, epoch=0, seed=0, shuffle=False, window_rows=0)
+        stream = ShardStream(source, slot=0, slots=1, epoch=0, seed=0, shuffle=False, window_rows=0)
         with pytest.raises(OSError, match=r"part-000\d\d\.parquet|SlowDown|503"):
             list(stream.batches(16))
     finally:

@@ -27,7 +27,7 @@ def shards(tmp_path_factory):
 
 
 def ids(source, rank, world, epoch=0, seed=0, window=100, micro=8):
-    s = ShardStream(source, rank=rank, world_size=world, epoch=epoch, seed=seed, shuffle=True, window_rows=window)
+    s = ShardStream(source, slot=rank, slots=world, epoch=epoch, seed=seed, shuffle=True, window_rows=window)
     return [i for b in s.batches(micro) for i in b["row_id"]]
 
 
@@ -47,7 +47,7 @@ def test_order_is_fixed_by_the_seed_and_changes_with_seed_and_epoch(shards):
 
 def test_resume_mid_epoch_continues_exactly_and_reads_only_what_it_needs(shards, monkeypatch):
     full = ids(shards, 0, 1, seed=3)
-    first = ShardStream(shards, rank=0, world_size=1, epoch=0, seed=3, shuffle=True, window_rows=100)
+    first = ShardStream(shards, slot=0, slots=1, epoch=0, seed=3, shuffle=True, window_rows=100)
     it = first.batches(8)
     before = [i for _ in range(40) for i in next(it)["row_id"]]  # stop after 40 micro-batches (320 rows)
     state = copy.deepcopy(first.state())
@@ -57,7 +57,7 @@ def test_resume_mid_epoch_continues_exactly_and_reads_only_what_it_needs(shards,
     reads = []
     real_read = stream_mod.read_shard
     monkeypatch.setattr(stream_mod, "read_shard", lambda source, index: reads.append(index) or real_read(source, index))
-    resumed = ShardStream(shards, rank=0, world_size=1, epoch=0, seed=3, shuffle=True, window_rows=100, resume=state)
+    resumed = ShardStream(shards, slot=0, slots=1, epoch=0, seed=3, shuffle=True, window_rows=100, resume=state)
     after = [i for b in resumed.batches(8) for i in b["row_id"]]
     assert before + after == full  # same rows, same order: nothing repeated, nothing skipped
     # No replay: only the cursor's shard and those after it are read; the window came with the state.
@@ -86,7 +86,7 @@ from fmdist.data.stream import ShardStream
 source = resolve(sys.argv[1] + "/train")
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 rows = sum(len(b["row_id"]) for b in ShardStream(
-    source, rank=0, world_size=1, epoch=0, seed=0, shuffle=True, window_rows=256).batches(32))
+    source, slot=0, slots=1, epoch=0, seed=0, shuffle=True, window_rows=256).batches(32))
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 data = sum(s["bytes"] for s in source.manifest["shards"])
 print(json.dumps({"rows": rows, "increase_mb": (peak - base) / 1024, "data_mb": data / 2**20}))
@@ -137,3 +137,28 @@ def test_epoch_streams_plan_the_busiest_ranks_micro_batches_and_resume(shards):
     ranks[0].restore(state)  # a state of epoch 1 does not leak into epoch 2
     fresh = EpochStreams(cfg, shards, 0, 2)
     assert [b["row_id"] for b in ranks[0].batches(2)] == [b["row_id"] for b in fresh.batches(2)]
+
+
+def test_two_workers_and_one_worker_accumulating_two_put_the_same_rows_in_every_step(shards):
+    """Slots: 2 ranks x accumulation 1 and 1 rank x accumulation 2 split the global batch alike."""
+    from fmdist.config import from_dict
+    from fmdist.data.stream import EpochStreams
+
+    def steps(world: int, accumulation: int) -> list[set[int]]:
+        cfg = from_dict({"data": {"train": shards.uri, "shuffle_window_rows": 40},
+                         "train": {"micro_batch_size": 8, "gradient_accumulation_steps": accumulation}})  # fmt: skip
+        per_rank = [list(EpochStreams(cfg, shards, rank, world).batches(0)) for rank in range(world)]
+        iters = max(map(len, per_rank))
+        assert iters == EpochStreams(cfg, shards, 0, world).iters_per_epoch(0)
+        out = []
+        for start in range(0, iters, accumulation):
+            rows = set()
+            for batches in per_rank:
+                for batch in batches[start : start + accumulation]:
+                    rows |= set(batch["row_id"]) if batch is not None else set()
+            out.append(rows)
+        return out
+
+    two_workers, one_accumulating = steps(2, 1), steps(1, 2)
+    assert two_workers == one_accumulating
+    assert sorted(i for step in two_workers for i in step) == list(range(sum(len(s) for s in two_workers)))

@@ -68,3 +68,13 @@ def test_config_errors_exit_2_and_name_the_fields(tmp_path):
     assert proc.returncode == 2
     assert "train.lr_schedul: unknown field. Did you mean `lr_schedule`?" in proc.stderr
     assert "train.micro_batch_size: must be greater than 0, got 0." in proc.stderr
+
+
+def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
+    args = ["export", str(tmp_path / "no-such-run"), str(tmp_path / "out")]
+    plain = subprocess.run([*FMDIST, *args], capture_output=True, text=True)
+    assert plain.returncode == 1
+    assert "is not a run or checkpoint directory" in plain.stderr and "--debug" in plain.stderr
+    assert "Traceback" not in plain.stderr
+    debug = subprocess.run([*FMDIST, "--debug", *args], capture_output=True, text=True)
+    assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr

@@ -11,7 +11,7 @@ import yaml
 from fmdist import config
 from fmdist.config import ConfigError, from_dict
 from fmdist.train.launch import train
-from fmdist.tune.search import param_space, trial_config, tune_run
+from fmdist.tune.search import format_leaderboard, param_space, trial_config, tune_run
 from tests.conftest import TINY_MODEL
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -27,6 +27,15 @@ def test_search_space_and_invalid_samples():
         trial_config(cfg.to_dict(), {"train.micro_batch_size": 0})
     with pytest.raises(ConfigError, match="tune.search_space.train.learning_rate: not a config field"):
         from_dict({"data": {"train": "x"}, "tune": {"search_space": {"train.learning_rate": {"choice": [1]}}}})
+
+
+def test_leaderboard_prints_values_whole():
+    """A value cut to 10 characters read as lr 8.1 for 8.101237089385677e-05."""
+    cfg = from_dict({"data": {"train": "x"}, "tune": {"search_space": {"train.lr": {"choice": [1]}}}})
+    row = {"trial": "t1", "status": "DONE", "best_metric": 0.9, "steps": 10, "worker_seconds": 3.0,
+           "config": {"train.lr": 8.101237089385677e-05}}  # fmt: skip
+    line = format_leaderboard([row], cfg).splitlines()[-1]
+    assert line.split()[-1] == "8.101e-05"
 
 
 @pytest.mark.slow
