@@ -17,12 +17,14 @@ Runs are interleaved (fmdist seed 0, bare seed 0, fmdist seed 1, ...) so that lo
 shared machine falls on both sides alike. The seed sets the initial head weights (the same on both
 sides for a seed) and the data order (each side shuffles its own way). Samples/s is training
 sentences x epochs / training seconds (first step included, evaluation excluded); wall time is the
-whole run, set-up and evaluation included.
+whole run, set-up and evaluation included; load is the machine's 1-minute load average when the run
+ended (others' jobs on a shared machine). Both sides run with `--threads` torch threads (default 1).
 
 The slices are written as CoNLL text under a temporary directory and deleted afterwards (the
 CoNLL-2003 licence forbids redistribution, so nothing of it may land in the repository).
 
-    python bench/ner_conll.py --conll-dir ../shared/data/conll2003 --train-sentences 2000 --epochs 2 --seeds 3
+    python bench/ner_conll.py --conll-dir ../shared/data/conll2003 --train-sentences 800 --epochs 1 \
+        --test-sentences 1000 --seeds 3
 
 Figures go to docs/benchmarks.md with date, machine and command.
 """
@@ -282,17 +284,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--conll-dir", type=Path, default=Path("../shared/data/conll2003"),
                         help="directory with CoNLL-2003 train.txt and test.txt (not shipped with fmdist)")  # fmt: skip
-    parser.add_argument("--train-sentences", type=int, default=2000, help="the first N sentences of train.txt")
+    parser.add_argument("--train-sentences", type=int, default=800, help="the first N sentences of train.txt")
     parser.add_argument("--test-sentences", type=int, default=None,
                         help="the first M sentences of test.txt (default: all 3,453)")  # fmt: skip
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--seeds", type=int, default=3, help="runs per side, seeds 0..N-1, interleaved")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--warmup-ratio", type=float, default=0.1)
     parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for both sides (1, as in a Ray Train worker with cpus_per_worker 1)")  # fmt: skip
     args = parser.parse_args()
+    # One thread by default: what a 1-CPU Ray Train worker gets (OMP_NUM_THREADS=1), and on a shared
+    # machine 2 spinning OpenMP threads run several times slower than 1 when other processes hold the cores.
+    torch.set_num_threads(args.threads)
 
     for name in ("train.txt", "test.txt"):
         if not (args.conll_dir / name).is_file():
@@ -326,10 +333,12 @@ def main() -> None:
             fm = run_fmdist(args, seed, train_file, test_file, work)
             if fm["labels"] != labels:
                 raise RuntimeError(f"fmdist's label set {fm['labels']} differs from the bare loop's {labels}")
+            fm["load"] = os.getloadavg()[0]
             results["fmdist"].append(fm)
             print(f"fmdist seed {seed}: F1 {fm['f1']:.4f}, {fm['samples_per_s']:.1f} samples/s, "
                   f"train {fm['train_s']:.0f} s, wall {fm['wall_s']:.0f} s", flush=True)  # fmt: skip
             bare = run_bare(args, seed, train, test, labels)
+            bare["load"] = os.getloadavg()[0]
             results["bare"].append(bare)
             print(f"bare   seed {seed}: F1 {bare['f1']:.4f}, {bare['samples_per_s']:.1f} samples/s, "
                   f"train {bare['train_s']:.0f} s, wall {bare['wall_s']:.0f} s", flush=True)  # fmt: skip
@@ -341,12 +350,13 @@ def main() -> None:
           "DeepSpeed ZeRO-2 fp32, F1 from the loop's own eval; bare = plain PyTorch loop, seqeval strict IOB2")  # fmt: skip
     print(f"test words cut by truncation at max_length {args.max_length}: {results['bare'][0]['test_words_cut']} "
           f"(unscored on both sides); train words cut (fmdist): {results['fmdist'][0]['train_words_cut']:.0f}\n")  # fmt: skip
-    print(f"{'seed':<6}{'side':<8}{'F1':>8}{'samples/s':>11}{'train s':>9}{'wall s':>8}{'steps':>7}{'eval sent.':>12}")
+    print(f"{'seed':<6}{'side':<8}{'F1':>8}{'samples/s':>11}{'train s':>9}{'wall s':>8}{'steps':>7}{'eval sent.':>12}"
+          f"{'load':>7}")  # fmt: skip
     for seed in range(args.seeds):
         for side in ("fmdist", "bare"):
             r = results[side][seed]
             print(f"{seed:<6}{side:<8}{r['f1']:>8.4f}{r['samples_per_s']:>11.1f}{r['train_s']:>9.0f}"
-                  f"{r['wall_s']:>8.0f}{r['steps']:>7}{r['eval_sentences']:>12}")  # fmt: skip
+                  f"{r['wall_s']:>8.0f}{r['steps']:>7}{r['eval_sentences']:>12}{r['load']:>7.1f}")  # fmt: skip
     print()
     stats = {}
     for side in ("fmdist", "bare"):

@@ -230,10 +230,15 @@ def format_report(metrics: dict[str, Any]) -> str:
 
 
 def predict(model_dir: str, texts: list[str]) -> list[dict[str, Any]]:
-    """Entities of each text with character spans and scores, via transformers' own pipeline."""
+    """Entities of each text with character spans and scores, via transformers' own pipeline.
+
+    Aggregation "first": a word takes the tag predicted on its first sub-token, the one trained (the
+    others are -100 in training). "simple" also works with the export but groups sub-tokens by their
+    own, untrained, predictions, which can split a word.
+    """
     from transformers import pipeline
 
-    ner = pipeline("token-classification", model=model_dir, aggregation_strategy="simple", device="cpu")
+    ner = pipeline("token-classification", model=model_dir, aggregation_strategy="first", device="cpu")
     out = []
     for text in texts:
         entities = [

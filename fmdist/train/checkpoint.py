@@ -49,12 +49,13 @@ def _deepspeed_safe_types() -> list[type]:
     Each is plain data: the weights-only unpickler makes it with `cls.__new__` plus a `__dict__`
     update (the dataclass and the loss scalers, none of which defines `__setstate__`) or, for the
     int enum, a lookup by value, so none can run code while loading. Found by saving ZeRO-0/1/2/3
-    checkpoints (fp32, bf16, optimizer offload) and listing what the weights-only unpickler refuses:
+    checkpoints (fp32, bf16, optimizer offload; fp16 on a GPU) and listing what the weights-only
+    unpickler refuses:
     - `ZeroStageEnum`: the stage, in every ZeRO-1/2/3 optimizer-states file;
     - `fragment_address` (numel, start): ZeRO-1/2 and the bf16 optimizer's parameter slice map;
     - `LossScaler`: ZeRO-1/2/3 save their loss scaler object (a static scale of 1 unless fp16);
-    - `DynamicLossScaler`: the same object under fp16 with dynamic scaling (fmdist's fp16 config),
-      which only a GPU runs (`CreateLossScaler` in deepspeed/runtime/fp16/loss_scaler.py).
+    - `DynamicLossScaler`: the same object under fp16 with dynamic scaling (fmdist's fp16 config,
+      GPU only; `CreateLossScaler` in deepspeed/runtime/fp16/loss_scaler.py).
     Never add a callable that can reach code (builtins, `functools.partial`, `os`, `subprocess`).
     """
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler

@@ -147,9 +147,27 @@ def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[s
     return {k: v.to(device) for k, v in batch.items() if not k.startswith("stats/")}
 
 
+def average_buffers(module: torch.nn.Module) -> None:
+    """Make floating-point buffers (BatchNorm's running mean and variance) equal on every rank.
+
+    DeepSpeed keeps parameters in step across ranks but not buffers: each rank's BatchNorm tracks
+    statistics of its own rows. Evaluation (each rank scores its share) and the saved checkpoint
+    (rank 0's buffers) must use one model, so the ranks' statistics are averaged first. Constant
+    buffers average to themselves. Collective: one all-reduce per floating-point buffer.
+    """
+    world_size = dist.get_world_size()
+    if world_size == 1:
+        return
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer.data)
+            buffer.data /= world_size
+
+
 def evaluate(engine: Any, cfg: Config, task: Task, processor: Any, batches: Iterable[Rows]) -> dict[str, Any]:
     """The task's metrics over every rank's share of the eval rows (summed counts, not rank 0's share)."""
     device = engine.device
+    average_buffers(engine.module)
     counts = torch.zeros(task.counts_size(cfg), dtype=torch.float64, device=device)
     placeholder = task.placeholder(cfg)
     engine.eval()
@@ -168,7 +186,7 @@ def evaluate(engine: Any, cfg: Config, task: Task, processor: Any, batches: Iter
 def describe(metrics: dict[str, Any]) -> str:
     """One line for the log: loss, the headline metric, the other scalars' first few."""
     headline = metrics["headline"]
-    others = [k for k in metrics["scalars"] if k not in ("loss", headline) and "_" not in k][:2]
+    others = [k for k in metrics["scalars"] if k not in ("loss", headline) and not k.startswith("f1_")][:2]
     parts = [f"loss {metrics['loss']:.4f}", f"{headline} {metrics[headline]:.4f}"]
     parts += [f"{k} {metrics['scalars'][k]:.4f}" for k in others]
     return ", ".join(parts) + f" ({metrics['num_examples']} examples)"
@@ -311,6 +329,7 @@ def fit(cfg: Config, io: LoopIO) -> dict[str, Any]:
         """Every rank: save its part of a checkpoint (collective) when asked, then report the event."""
         path = None
         if save:
+            average_buffers(engine.module)
             path = checkpoint.save(
                 engine,
                 f"{io.scratch_dir}/step_{progress.step:08d}",
@@ -358,10 +377,13 @@ def fit(cfg: Config, io: LoopIO) -> dict[str, Any]:
             # placeholder so that every rank takes part in every collective and every step.
             collated = task.collate(rows or placeholder, processor, cfg)
             batch = model_inputs(collated, device)
-            loss = task.loss(engine(**batch), batch)
             if rows is None:
-                loss = loss * 0.0
+                # Eval mode: the placeholder leaves no trace (no BatchNorm statistics, no dropout RNG draws).
+                engine.module.eval()
+                loss = task.loss(engine(**batch), batch) * 0.0
+                engine.module.train()
             else:
+                loss = task.loss(engine(**batch), batch)
                 _add_to_window(window, loss, batch, collated)
             engine.backward(loss)
             engine.step()  # DeepSpeed applies the optimizer only at accumulation boundaries

@@ -48,12 +48,16 @@ def test_ner_on_two_workers_counts_every_eval_sentence_once_and_learns(ner_run):
 
 
 def test_ner_export_runs_in_the_transformers_pipeline_and_evaluates_alike(ner_run):
-    from transformers import AutoModelForTokenClassification
+    from transformers import AutoModelForTokenClassification, pipeline
 
     model = AutoModelForTokenClassification.from_pretrained(ner_run["model"])
     assert model.config.id2label[0] == "O" and "B-PER" in model.config.label2id
-    [found] = predict(ner_run["model"], ["Angela Merkel visited Paris on Tuesday ."])
-    assert {(e["entity"], e["word"].lower()) for e in found["entities"]} >= {("PER", "angela merkel"), ("LOC", "paris")}
+    text = "Angela Merkel visited Paris on Tuesday ."
+    [found] = predict(ner_run["model"], [text])
+    spans = {(e["entity"], text[e["start"] : e["end"]]) for e in found["entities"]}
+    assert spans >= {("PER", "Angela Merkel"), ("LOC", "Paris")}, found
+    simple = pipeline("token-classification", model=ner_run["model"], aggregation_strategy="simple")(text)
+    assert {"PER", "LOC"} <= {e["entity_group"] for e in simple}
     exported = evaluate(ner_run["model"], ner_run["raw"]["data"]["eval"])
     trained = ner_run["summary"]["eval"]
     assert exported["per_type"] == trained["per_type"]
