@@ -286,9 +286,11 @@ def run_cell(
     return result
 
 
-def _spread(values: list[float]) -> str:
+def _spread(values: list[float], fmt: str = ".3f") -> str:
+    """Median, range, and spread = (max - min) / median."""
     med = statistics.median(values)
-    return f"median {med:.3f}, min {min(values):.3f}, max {max(values):.3f}, spread {(max(values) - min(values)) / med:.1%}"
+    spread = (max(values) - min(values)) / med
+    return f"median {med:{fmt}}, min {min(values):{fmt}}, max {max(values):{fmt}}, spread {spread:.1%}"
 
 
 def main() -> None:
@@ -345,7 +347,9 @@ def main() -> None:
         print(text, flush=True)
         lines.append(text)
 
-    say(f"device: {device_name}; torch {torch.__version__}, transformers {transformers.__version__}, deepspeed {ds_version}")
+    say(
+        f"device: {device_name}; torch {torch.__version__}, transformers {transformers.__version__}, deepspeed {ds_version}"
+    )
     say(
         f"model: Llama-style, {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, "
         f"{cfg['num_attention_heads']} heads / {cfg['num_key_value_heads']} kv heads, intermediate "
@@ -431,7 +435,9 @@ def main() -> None:
         vs_torch = f"{tps / base_torch:.3f}" if base_torch else "-"
         vs_zero0 = f"{tps / base_zero0:.3f}" if base_zero0 and cell.loop == "deepspeed" else "-"
         note = f" (median of {len(ok)})" if len(results[cell]) > 1 else ""
-        say(f"{cell.name:<30}{preset.micro_batch_size:>6}{tps:>11,.0f}{mfu:>8}{mem:>10}{vs_torch:>9}{vs_zero0:>10}{note}")
+        say(
+            f"{cell.name:<30}{preset.micro_batch_size:>6}{tps:>11,.0f}{mfu:>8}{mem:>10}{vs_torch:>9}{vs_zero0:>10}{note}"
+        )
 
     if not args.no_deepspeed:
         pairs = [
@@ -444,18 +450,26 @@ def main() -> None:
             say(f"ZeRO-2 / bare torch (ckpt off), {len(pairs)} interleaved rounds:")
             say("  per round: " + ", ".join(f"{b / a:.3f}" for a, b in pairs))
             say("  ratio " + _spread([b / a for a, b in pairs]))
-            say("  bare torch tokens/s " + _spread([a for a, _ in pairs]).replace(".000", ""))
-            say("  ZeRO-2 tokens/s " + _spread([b for _, b in pairs]).replace(".000", ""))
+            say("  bare torch tokens/s " + _spread([a for a, _ in pairs], ",.0f"))
+            say("  ZeRO-2 tokens/s " + _spread([b for _, b in pairs], ",.0f"))
 
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "mfu.txt").write_text("\n".join(lines) + "\n")
         records = [
-            {**asdict(r), "cell": asdict(cell), "name": cell.name} if isinstance(r, CellResult) else {"name": cell.name, "result": r}
+            {**asdict(r), "cell": asdict(cell), "name": cell.name}
+            if isinstance(r, CellResult)
+            else {"name": cell.name, "result": r}
             for cell, rs in results.items()
             for r in rs
         ]
-        meta = {"device": device_name, "n_params": n_params, "flops_per_token": fpt, "peak_flops": peak, "preset": asdict(preset)}
+        meta = {
+            "device": device_name,
+            "n_params": n_params,
+            "flops_per_token": fpt,
+            "peak_flops": peak,
+            "preset": asdict(preset),
+        }
         (args.out / "mfu.json").write_text(json.dumps({"meta": meta, "runs": records}, indent=1))
 
 
