@@ -29,7 +29,9 @@ def _print_summary(summary: dict[str, Any], task_name: str) -> None:
         parts = ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in timings.items() if k != "time_to_first_step_s")
         print(f"time to first step {timings.get('time_to_first_step_s', float('nan')):.1f} s ({parts})")
     if summary.get("train/words_cut"):
-        print(f"truncated words    {summary['train/words_cut']:.0f} of {summary['train/words']:.0f} (raise data.max_length)")
+        print(
+            f"truncated words    {summary['train/words_cut']:.0f} of {summary['train/words']:.0f} (raise data.max_length)"
+        )
     if summary.get("eval"):
         print("\n" + tasks.get(task_name).format_report(summary["eval"]))
     print(f"\nnext: fmdist export {summary['run_dir']} ./exported-model")
@@ -97,7 +99,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if args.file:
             inputs += [line.rstrip("\n") for line in Path(args.file).read_text().splitlines() if line.strip()]
         if not inputs:
-            print("fmdist predict: give --text TEXT (repeatable) or --file FILE with one text per line.", file=sys.stderr)
+            print(
+                "fmdist predict: give --text TEXT (repeatable) or --file FILE with one text per line.", file=sys.stderr
+            )
             return 2
     for item, pred in zip(inputs, predict(args.model_dir, inputs), strict=True):
         if args.json:

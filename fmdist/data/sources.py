@@ -138,7 +138,9 @@ def _resolve_files_as_shards(uri: str, fs: pafs.FileSystem, files: list[str], fm
                     file_schema = reader.schema
                     counts = [reader.get_batch(i).num_rows for i in range(reader.num_record_batches)]
         except (pa.ArrowInvalid, OSError) as exc:
-            raise ValueError(f"{field}: cannot read {path!r} as {fmt}: {exc}; the file is corrupt or truncated.") from None
+            raise ValueError(
+                f"{field}: cannot read {path!r} as {fmt}: {exc}; the file is corrupt or truncated."
+            ) from None
         if schema is None:
             schema = file_schema
         elif file_schema.names != schema.names:

@@ -11,7 +11,12 @@ from fmdist.config import Config, ModelConfig
 from fmdist.models.resolve import resolve_model_path
 from fmdist.tasks import DataInfo
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 def has_weights(path: str) -> bool:

@@ -80,7 +80,11 @@ def predict(model_dir: str, texts: list[str], max_length: int = 128, batch_size:
         for row in model(**enc).logits.softmax(-1).tolist():
             best = max(range(len(row)), key=row.__getitem__)
             out.append(
-                {"label": id2label[best], "label_id": best, "probabilities": {id2label[j]: p for j, p in enumerate(row)}}
+                {
+                    "label": id2label[best],
+                    "label_id": best,
+                    "probabilities": {id2label[j]: p for j, p in enumerate(row)},
+                }
             )
     return out
 

@@ -215,7 +215,10 @@ def finalize(counts: list[float], cfg: Config) -> dict[str, Any]:
 
 def format_report(metrics: dict[str, Any]) -> str:
     width = max(12, *(len(t) + 2 for t in metrics["per_type"]))
-    lines = [f"entities (seqeval strict, {metrics['scheme']})", f"{'':<{width}}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}"]
+    lines = [
+        f"entities (seqeval strict, {metrics['scheme']})",
+        f"{'':<{width}}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}",
+    ]
     for name, c in metrics["per_type"].items():
         lines.append(f"{name:<{width}}{c['precision']:>10.4f}{c['recall']:>10.4f}{c['f1']:>10.4f}{c['support']:>10}")
     support = sum(c["support"] for c in metrics["per_type"].values())
@@ -242,7 +245,13 @@ def predict(model_dir: str, texts: list[str]) -> list[dict[str, Any]]:
     out = []
     for text in texts:
         entities = [
-            {"entity": e["entity_group"], "word": e["word"], "start": e["start"], "end": e["end"], "score": float(e["score"])}
+            {
+                "entity": e["entity_group"],
+                "word": e["word"],
+                "start": e["start"],
+                "end": e["end"],
+                "score": float(e["score"]),
+            }
             for e in ner(text)
         ]
         out.append({"entities": entities})

@@ -234,11 +234,13 @@ def weights_checksum(engine: Any) -> dict[str, float]:
 
 @dataclass
 class Progress:
-    """Where the run stands; saved in every checkpoint as DeepSpeed client state."""
+    """Where the run stands: step, epoch and iter are saved in every checkpoint (DeepSpeed client state)."""
 
     step: int = 0
     epoch: int = 0
     iters_in_epoch: int = 0
+    eval_metrics: dict[str, Any] | None = None
+    """The latest evaluation (written into checkpoints' metadata, returned at the end)."""
 
 
 @dataclass
@@ -323,8 +325,6 @@ def fit(cfg: Config, io: LoopIO) -> dict[str, Any]:
         log.info("this run pauses at step %d of %d (checkpointed; the LR schedule spans all %d)", end_step,
                  num_steps, num_steps)  # fmt: skip
 
-    eval_metrics: dict[str, Any] | None = None
-
     def checkpoint_and_report(event: dict[str, Any], save: bool) -> None:
         """Every rank: save its part of a checkpoint (collective) when asked, then report the event."""
         path = None
@@ -334,20 +334,23 @@ def fit(cfg: Config, io: LoopIO) -> dict[str, Any]:
                 engine,
                 f"{io.scratch_dir}/step_{progress.step:08d}",
                 {"step": progress.step, "epoch": progress.epoch, "iters_in_epoch": progress.iters_in_epoch},
-                {"zero_stage": cfg.deepspeed.zero_stage, "world_size": world_size, "config": cfg.to_dict(),
-                 "eval": eval_metrics},  # fmt: skip
+                {
+                    "zero_stage": cfg.deepspeed.zero_stage,
+                    "world_size": world_size,
+                    "config": cfg.to_dict(),
+                    "eval": progress.eval_metrics,
+                },  # fmt: skip
                 processor,
                 io.data_state() if io.data_state is not None else None,
             )
         io.report({"step": progress.step, "epoch": progress.epoch, **restored, **event}, path)
 
     def evaluate_and_report(save: bool, train_loss: float, extra: dict[str, Any] | None = None) -> None:
-        nonlocal eval_metrics
         scalars: dict[str, Any] = {"train/loss": train_loss, **(extra or {})}
         if io.eval_batches is not None:
-            eval_metrics = evaluate(engine, cfg, task, processor, io.eval_batches())
-            scalars.update(flat_scalars(eval_metrics, "eval"), eval=eval_metrics)
-            log.info("eval at step %d: %s", progress.step, describe(eval_metrics))
+            progress.eval_metrics = evaluate(engine, cfg, task, processor, io.eval_batches())
+            scalars.update(flat_scalars(progress.eval_metrics, "eval"), eval=progress.eval_metrics)
+            log.info("eval at step %d: %s", progress.step, describe(progress.eval_metrics))
         checkpoint_and_report(scalars, save)
 
     # ---- training: epochs of micro-batches, an optimizer step every `accum` iters on every rank
@@ -442,7 +445,7 @@ def fit(cfg: Config, io: LoopIO) -> dict[str, Any]:
         )  # fmt: skip
     # The final report carries the whole summary, so the driver has it wherever rank 0 ran.
     evaluate_and_report(True, last_train_loss, summary)
-    return {"step": progress.step, "train/loss": last_train_loss, "eval": eval_metrics, **summary}
+    return {"step": progress.step, "train/loss": last_train_loss, "eval": progress.eval_metrics, **summary}
 
 
 def _add_to_window(window: Window, loss: torch.Tensor, batch: dict[str, torch.Tensor], collated: dict) -> None:

@@ -89,9 +89,7 @@ def test_transient_503s_are_retried_and_every_row_arrives_once(prepared_on_s3, s
         ids = [
             i
             for rank in (0, 1)
-            for b in ShardStream(
-                source, slot=rank, slots=2, epoch=0, seed=0, shuffle=True, window_rows=64
-            ).batches(16)
+            for b in ShardStream(source, slot=rank, slots=2, epoch=0, seed=0, shuffle=True, window_rows=64).batches(16)
             for i in b["row_id"]
         ]
     finally:

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from fmdist.config import from_dict
-from fmdist.train.checkpoint import STATE_FILE, consolidated_state_dict
-from fmdist.train.loop import LoopIO, fit
 from fmdist.data.sources import resolve
 from fmdist.data.stream import EpochStreams
+from fmdist.train.checkpoint import STATE_FILE, consolidated_state_dict
+from fmdist.train.loop import LoopIO, fit
 from tests.conftest import TINY_MODEL, sentiment_rows, write_shards
 
 
