@@ -528,9 +528,13 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise ConfigError([f"not valid YAML: {exc}"], str(path)) from None
     raw = apply_overrides(raw, overrides or [])
     cfg = from_dict(raw, str(path))
+    # Paths written in the file are relative to the file; paths given on the command line, to the
+    # directory the command runs in (as a shell user expects).
+    from_command_line = {parse_override(o)[0] for o in overrides or []}
     base = path.resolve().parent
-    cfg.data.train = resolve_relative(cfg.data.train, base)
-    cfg.data.eval = resolve_relative(cfg.data.eval, base)
+    for name in ("train", "eval"):
+        where = Path.cwd() if f"data.{name}" in from_command_line else base
+        setattr(cfg.data, name, resolve_relative(getattr(cfg.data, name), where))
     cfg.data.cache_dir = resolve_relative(cfg.data.cache_dir, Path.cwd())
     # A model directory next to the config (configs/models/<name>) when it exists there; else a hub id.
     local_model = resolve_relative(cfg.model.name_or_path, base)
