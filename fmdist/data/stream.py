@@ -42,6 +42,9 @@ from fmdist.config import Config
 from fmdist.data.sources import Source, read_shard
 
 PREFETCH_SHARDS = 1
+SHARD_COLUMN = "_shard"
+"""Added to every batch: the file each row came from, so that an error about a row (an image that
+cannot be decoded, a bad tag) can name its shard."""
 
 
 def epoch_shards(source: Source, seed: int, epoch: int, slot: int, slots: int, shuffle: bool) -> list[int]:
@@ -109,7 +112,7 @@ class ShardStream:
         self._rng = random.Random(seed * 7919 + epoch * 104_729 + slot)
         # Rows are tuples in `self._columns` order: far cheaper to build and shuffle than dicts.
         self._window: list[tuple] = []
-        self._columns: list[str] = list(source.manifest["schema"])
+        self._columns: list[str] = [*source.manifest["schema"], SHARD_COLUMN]
         self._cursor: tuple[int, int] = (0, 0)
         self._rows_emitted = 0
         if resume is not None:
@@ -169,7 +172,8 @@ class ShardStream:
     def rows(self) -> Iterator[tuple]:
         """Rows in emission order; `state()` is consistent between yields."""
         for position, table in self._prefetched():
-            rows = list(zip(*(table.column(c).to_pylist() for c in self._columns), strict=True))
+            shard = [self.source.files[self.shards[position]]] * table.num_rows
+            rows = list(zip(*(table.column(c).to_pylist() for c in self._columns[:-1]), shard, strict=True))
             for offset in range(self._cursor[1] if position == self._cursor[0] else 0, len(rows)):
                 self._window.append(rows[offset])
                 self._cursor = (position, offset + 1) if offset + 1 < len(rows) else (position + 1, 0)
@@ -240,7 +244,7 @@ def eval_batches(source: Source, rank: int, world_size: int, micro_batch_size: i
     """
     total = source.manifest["total_rows"]
     low, high = rank * total // world_size, (rank + 1) * total // world_size
-    columns = list(source.manifest["schema"])
+    columns = [*source.manifest["schema"], SHARD_COLUMN]
     pending: list[pa.Table] = []
     pending_rows = 0
     offset = 0
@@ -249,7 +253,8 @@ def eval_batches(source: Source, rank: int, world_size: int, micro_batch_size: i
         offset += shard["rows"]
         if start >= stop:
             continue
-        pending.append(read_shard(source, index).slice(start - (offset - shard["rows"]), stop - start))
+        table = read_shard(source, index).slice(start - (offset - shard["rows"]), stop - start)
+        pending.append(table.append_column(SHARD_COLUMN, pa.array([source.files[index]] * table.num_rows)))
         pending_rows += stop - start
         while pending_rows >= micro_batch_size:
             table = pa.concat_tables(pending)

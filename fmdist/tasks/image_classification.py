@@ -66,10 +66,11 @@ def decode(value: Any, where: str) -> Any:
 
 
 def collate(rows: Rows, processor: Any, cfg: Config) -> dict[str, torch.Tensor]:
-    ids = rows.get("row_id") or [None] * len(rows[cfg.data.label_column])
+    n = len(rows[cfg.data.label_column])
+    shards, ids = rows.get("_shard") or [None] * n, rows.get("row_id") or [None] * n
     images = [
-        decode(v, f"data: row_id {rid}" if rid is not None else "data")
-        for v, rid in zip(rows[cfg.data.text_column], ids, strict=True)
+        decode(value, f"data: shard {shard!r} row_id {rid}" if shard else f"data: row_id {rid}")
+        for value, shard, rid in zip(rows[cfg.data.text_column], shards, ids, strict=True)
     ]
     labels = torch.as_tensor([int(v) for v in rows[cfg.data.label_column]], dtype=torch.long)
     bad = (labels < 0) | (labels >= cfg.model.num_labels)

@@ -130,3 +130,20 @@ def test_images_resumed_mid_epoch_end_with_the_same_weights(image_runs):
     a = consolidated_state_dict(image_runs["whole"][1])
     b = consolidated_state_dict(image_runs["resumed"][1])
     assert max((a[k] - b[k]).abs().max().item() for k in a if a[k].is_floating_point()) < 1e-6
+
+
+def test_a_corrupt_image_in_the_stream_names_its_shard_and_row(tmp_path):
+    """Plain Parquet (no prepare, so nothing checked the images before): the error names the file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    good = shape_png("bar", random.Random(1))
+    shard = tmp_path / "data" / "part-1.parquet"
+    shard.parent.mkdir()
+    pq.write_table(pa.table({"row_id": [10, 11], "image": [good, b"\x89PNG broken"], "label": [0, 1]}), shard)
+    model_dir = tiny_image_model(tmp_path / "model")
+    cfg = from_dict(image_config(model_dir, max_steps=1, micro_batch_size=2))
+    cfg.model.label_names, cfg.model.num_labels = list(SHAPES), 3
+    [batch] = EpochStreams(cfg, resolve(str(shard.parent)), rank=0, world_size=1).batches(0)
+    with pytest.raises(ValueError, match=r"shard '.*part-1.parquet' row_id 11: the image cannot be decoded"):
+        TASK.collate(batch, TASK.load_processor(model_dir), cfg)
