@@ -12,10 +12,10 @@ import pytest
 from fmdist.config import from_dict
 from fmdist.data.prepare import prepare
 from fmdist.data.sources import resolve
-from fmdist.data.stream import EpochStreams, eval_batches
+from fmdist.data.stream import EpochStreams
 from fmdist.tasks import get
 from fmdist.train.checkpoint import consolidated_state_dict
-from fmdist.train.loop import LoopIO, fit
+from tests.inprocess import run_in_process
 
 TASK = get("image-classification")
 SHAPES = ("bar", "column", "square")
@@ -94,21 +94,8 @@ def image_runs(tmp_path_factory):
     def run(name: str, stop: int | None = None, restore: str | None = None, steps: int = 60) -> tuple[dict, str]:
         cfg = from_dict(image_config(model_dir, max_steps=steps))
         cfg.model.label_names, cfg.model.num_labels = train.manifest["label_names"], 3
-        stream = EpochStreams(cfg, train, rank=0, world_size=1)
-        reports: list = []
-        io_ = LoopIO(
-            train_batches=stream.batches,
-            iters_per_epoch=stream.iters_per_epoch,
-            num_train_rows=train.manifest["total_rows"],
-            report=lambda metrics, path: reports.append((metrics, path)),
-            scratch_dir=str(root / name),
-            eval_batches=lambda: eval_batches(evaluation, 0, 1, 16),
-            data_state=stream.state,
-            restore_data_state=stream.restore,
-            restore_dir=restore,
-            stop_at_step=stop,
-        )
-        return fit(cfg, io_), reports[-1][1]
+        summary, reports = run_in_process(cfg, train, str(root / name), evaluation, stop=stop, restore=restore)
+        return summary, reports[-1][1]
 
     paused = run("paused", stop=13)  # mid-epoch: about 288 rows / 16 = 18 iters per epoch
     return {

@@ -11,12 +11,11 @@ import torch
 
 from fmdist.config import freeze_labels, from_dict
 from fmdist.data.inputs import open_split
-from fmdist.data.stream import EpochStreams, eval_batches
 from fmdist.tasks import get
 from fmdist.tasks.common import load_tokenizer
 from fmdist.train.checkpoint import consolidated_state_dict
-from fmdist.train.loop import LoopIO, fit
 from tests.conftest import TINY_MODEL
+from tests.inprocess import run_in_process
 from tests.ner_corpus import conll_file
 
 TAGS = ["O", "B-LOC", "B-MISC", "B-ORG", "B-PER", "I-LOC", "I-MISC", "I-ORG", "I-PER"]
@@ -120,21 +119,7 @@ def ner_runs(tmp_path_factory):
     def run(name: str, stop: int | None = None, restore: str | None = None, steps: int = 60) -> tuple[dict, str]:
         cfg = from_dict(ner_config(max_steps=steps))
         freeze_labels(cfg, train.manifest["label_names"])
-        stream = EpochStreams(cfg, train, rank=0, world_size=1)
-        reports: list = []
-        io = LoopIO(
-            train_batches=stream.batches,
-            iters_per_epoch=stream.iters_per_epoch,
-            num_train_rows=train.manifest["total_rows"],
-            report=lambda metrics, path: reports.append((metrics, path)),
-            scratch_dir=str(root / name),
-            eval_batches=lambda: eval_batches(evaluation, 0, 1, 16),
-            data_state=stream.state,
-            restore_data_state=stream.restore,
-            restore_dir=restore,
-            stop_at_step=stop,
-        )
-        summary = fit(cfg, io)
+        summary, reports = run_in_process(cfg, train, str(root / name), evaluation, stop=stop, restore=restore)
         return summary, reports[-1][1]
 
     untrained, _ = run("untrained", steps=1)

@@ -15,11 +15,10 @@ import torch
 
 from fmdist.config import from_dict
 from fmdist.data.sources import resolve
-from fmdist.data.stream import EpochStreams
 from fmdist.train.checkpoint import DS_TAG, consolidated_state_dict, weights_only_loads
 from fmdist.train.export import export
-from fmdist.train.loop import LoopIO, fit
 from tests.conftest import TINY_MODEL, sentiment_rows, write_shards
+from tests.inprocess import run_in_process
 
 
 class Planted:
@@ -44,22 +43,9 @@ def _raw(zero_stage: int) -> dict:
 
 def _run(root: Path, name: str, zero_stage: int, stop: int | None = None, restore: str | None = None) -> str:
     """One rank over 32 rows in 2 shards (4 steps of 8 rows); returns the last checkpoint's directory."""
-    reports: list[tuple[dict, str | None]] = []
     cfg = from_dict(_raw(zero_stage))
-    stream = EpochStreams(cfg, resolve(str(root / "shards")), rank=0, world_size=1)
-    io = LoopIO(
-        train_batches=stream.batches,
-        iters_per_epoch=stream.iters_per_epoch,
-        data_state=stream.state,
-        restore_data_state=stream.restore,
-        num_train_rows=32,
-        report=lambda metrics, path: reports.append((metrics, path)),
-        scratch_dir=str(root / name),
-        restore_dir=restore,
-        stop_at_step=stop,
-    )
-    fit(cfg, io)
-    return reports[-1][1]
+    source = resolve(str(root / "shards"))
+    return run_in_process(cfg, source, str(root / name), stop=stop, restore=restore)[1][-1][1]
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ import pytest
 
 from fmdist.config import from_dict
 from fmdist.data.sources import resolve
-from fmdist.data.stream import EpochStreams
 from fmdist.train.checkpoint import STATE_FILE, consolidated_state_dict
 from fmdist.train.loop import LoopIO, fit
 from tests.conftest import TINY_MODEL, sentiment_rows, write_shards
+from tests.inprocess import run_in_process
 
 
 def micro_batches(rows: dict[str, list], size: int) -> list[dict[str, list]]:
@@ -86,23 +86,7 @@ def test_pause_at_step_keeps_the_schedule_and_a_restore_takes_new_hyperparameter
     source = resolve(str(write_shards(tmp_path / "shards", sentiment_rows(64, seed=5), rows_per_shard=16)))
 
     def run(name: str, cfg_raw: dict, stop: int | None = None, restore: str | None = None) -> list:
-        reports: list[tuple[dict, str | None]] = []
-        cfg = from_dict(cfg_raw)
-        stream = EpochStreams(cfg, source, rank=0, world_size=1)
-        io = LoopIO(
-            train_batches=stream.batches,
-            iters_per_epoch=stream.iters_per_epoch,
-            data_state=stream.state,
-            restore_data_state=stream.restore,
-            num_train_rows=64,
-            report=lambda metrics, path: reports.append((metrics, path)),
-            scratch_dir=str(tmp_path / name),
-            restore_dir=restore,
-            stop_at_step=stop,
-            fingerprint_restore=restore is not None,
-        )
-        fit(cfg, io)
-        return reports
+        return run_in_process(from_dict(cfg_raw), source, str(tmp_path / name), stop=stop, restore=restore)[1]
 
     whole = run("whole", raw)[-1]
     paused = run("paused", raw, stop=4)[-1]

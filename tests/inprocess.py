@@ -1,0 +1,39 @@
+"""The training loop in this process (world size 1, gloo), fed by the real per-rank stream: the
+harness the in-process tests share."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fmdist.config import Config
+from fmdist.data.sources import Source
+from fmdist.data.stream import EpochStreams, eval_batches
+from fmdist.train.loop import LoopIO, fit
+
+
+def run_in_process(
+    cfg: Config,
+    train: Source,
+    scratch_dir: str,
+    evaluation: Source | None = None,
+    stop: int | None = None,
+    restore: str | None = None,
+) -> tuple[dict[str, Any], list[tuple[dict[str, Any], str | None]]]:
+    """Train one rank per `cfg` (optionally pausing at `stop`, or resuming from `restore`); returns
+    the summary and every report (metrics, checkpoint directory) in order."""
+    stream = EpochStreams(cfg, train, rank=0, world_size=1)
+    reports: list[tuple[dict[str, Any], str | None]] = []
+    io = LoopIO(
+        train_batches=stream.batches,
+        iters_per_epoch=stream.iters_per_epoch,
+        num_train_rows=train.manifest["total_rows"],
+        report=lambda metrics, path: reports.append((metrics, path)),
+        scratch_dir=scratch_dir,
+        eval_batches=(lambda: eval_batches(evaluation, 0, 1, cfg.train.micro_batch_size)) if evaluation else None,
+        data_state=stream.state,
+        restore_data_state=stream.restore,
+        restore_dir=restore,
+        stop_at_step=stop,
+        fingerprint_restore=restore is not None,
+    )
+    return fit(cfg, io), reports
