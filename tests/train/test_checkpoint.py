@@ -5,6 +5,7 @@ World size 1, in-process (gloo), the tiny model: each ZeRO stage's run is traine
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -15,7 +16,7 @@ import torch
 
 from fmdist.config import from_dict
 from fmdist.data.sources import resolve
-from fmdist.train.checkpoint import DS_TAG, consolidated_state_dict, weights_only_loads
+from fmdist.train.checkpoint import DS_TAG, STATE_FILE, consolidated_state_dict, weights_only_loads
 from fmdist.train.export import export
 from tests.conftest import TINY_MODEL, sentiment_rows, write_shards
 from tests.inprocess import run_in_process
@@ -143,3 +144,25 @@ def test_fp16_loss_scaler_loads_as_plain_data(tmp_path):
     with weights_only_loads(str(tmp_path)):
         loaded = torch.load(tmp_path / "optim_states.pt", weights_only=False)["loss_scaler"]
     assert type(loaded) is DynamicLossScaler and vars(loaded) == vars(scaler)
+
+
+@pytest.mark.parametrize("remove", ["data_rank0.json", "data_rank0_slot0.arrow", "rng_rank0.json"])
+def test_a_missing_per_rank_file_is_an_error_not_a_replay(runs, tmp_path, remove):
+    """The stream position used to be optional: without it a resume silently re-read the epoch."""
+    broken = tmp_path / "broken"
+    shutil.copytree(runs(2, "paused"), broken)
+    (broken / remove).unlink()
+    write_shards(tmp_path / "shards", sentiment_rows(32, seed=5), rows_per_shard=16)
+    with pytest.raises(RuntimeError, match=rf"broken is missing {re.escape(remove)}; it is incomplete"):
+        _run(tmp_path, "again", 2, restore=str(broken))
+
+
+def test_a_resume_on_another_worker_count_is_refused(runs, tmp_path):
+    """Stream positions belong to the old split of shards over workers: another count would repeat or skip rows."""
+    other = tmp_path / "other"
+    shutil.copytree(runs(2, "paused"), other)
+    meta = json.loads((other / STATE_FILE).read_text())
+    (other / STATE_FILE).write_text(json.dumps({**meta, "world_size": 2}))
+    write_shards(tmp_path / "shards", sentiment_rows(32, seed=5), rows_per_shard=16)
+    with pytest.raises(RuntimeError, match=r"written by 2 worker\(s\) but this run has 1.*scaling.num_workers=2"):
+        _run(tmp_path, "again", 2, restore=str(other))
