@@ -150,6 +150,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         print(
             f"{output.rstrip('/')}/{split}: {manifest['total_rows']} rows in {len(manifest['shards'])} {args.format} shard(s)"
         )
+    names = manifests["train"].get("label_names")
+    if names:
+        print(f"label set ({len(names)}, recorded in the manifests): {', '.join(names)}")
     deid = manifests["train"]["deidentification"]
     if deid["enabled"]:
         print("replaced: " + ", ".join(f"{k} {v}" for k, v in deid["replaced"].items()))
@@ -204,7 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="write (de-identified) Parquet/Arrow shards with a manifest")
     p.add_argument(
-        "paths", nargs="+", metavar="INPUT [INPUT ...] OUTPUT", help="input files, then the output directory"
+        "paths",
+        nargs="+",
+        metavar="INPUT [INPUT ...] OUTPUT",
+        help="input files (CSV, TSV, JSONL, CoNLL, text) or image folders (one sub-folder per class), then the output directory",
     )
     p.add_argument("--redact", action="store_true", help="replace e-mails, phones, URLs, IPs and card numbers")
     p.add_argument("--format", choices=["parquet", "arrow"], default="parquet")
