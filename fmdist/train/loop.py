@@ -294,6 +294,9 @@ def fit(cfg: Config, io: LoopIO) -> dict[str, Any]:
         dist_init_required=False,
     )
     timings["deepspeed_init_s"] = time.perf_counter() - t0
+    # from_pretrained returns a model in eval mode and DeepSpeed keeps it so: without this, dropout
+    # stays off until the first evaluation switches the mode back.
+    engine.train()
     device = engine.device
 
     progress = Progress()

@@ -106,3 +106,26 @@ def test_pause_at_step_keeps_the_schedule_and_a_restore_takes_new_hyperparameter
     assert states["lr_scheduler"]["base_lrs"] == [6e-3, 6e-3]
     c = consolidated_state_dict(perturbed[1])
     assert max((a[k] - c[k]).abs().max().item() for k in a if a[k].is_floating_point()) > 1e-4
+
+
+def test_every_training_forward_runs_in_training_mode(tmp_path, monkeypatch):
+    """from_pretrained returns a model in eval mode (dropout off); the loop must switch it to training."""
+    import dataclasses
+
+    from fmdist import tasks
+
+    real = tasks.get("sequence-classification")
+    modes: list[bool] = []
+
+    def build_in_eval_mode(cfg):
+        model = real.build_model(cfg).eval()  # as from_pretrained leaves it
+        model.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+        return model
+
+    patched = dataclasses.replace(real, build_model=build_in_eval_mode)
+    monkeypatch.setattr(tasks, "get", lambda name: patched)
+    cfg = from_dict({"model": dict(TINY_MODEL), "data": {"train": "unused"}, "train": {"max_steps": 3, "micro_batch_size": 8},
+                     "scaling": {"num_workers": 1}})  # fmt: skip
+    source = resolve(str(write_shards(tmp_path / "shards", sentiment_rows(24, seed=5), rows_per_shard=8)))
+    run_in_process(cfg, source, str(tmp_path / "run"))
+    assert modes == [True, True, True], modes
