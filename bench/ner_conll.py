@@ -10,7 +10,7 @@ scored on the same test sentences by seqeval's strict IOB2 entity micro-F1.
   runs on every worker; Ray itself is not started) over fmdist's own data path: the CoNLL slice
   prepared into shards by `launch.open_data`, streamed by `EpochStreams`; F1 is the loop's final
   evaluation with data.eval = the test slice (`task.count` / `finalize`), under DeepSpeed ZeRO-2.
-- bare: a plain loop written here (no DeepSpeed, no fmdist code), scored with
+- bare: a plain loop written here (no DeepSpeed; of fmdist only the model path lookup), scored with
   `seqeval.metrics.f1_score(mode="strict", scheme=IOB2)`.
 
 Runs are interleaved (fmdist seed 0, bare seed 0, fmdist seed 1, ...) so that load from others on a
@@ -223,7 +223,7 @@ def run_bare(
     total_steps = steps_per_epoch * args.epochs
     scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
 
-    model.train()
+    model.train()  # from_pretrained returns the model in eval mode (dropout off)
     order_rng = random.Random(seed)
     train_start = time.perf_counter()
     for _ in range(args.epochs):
