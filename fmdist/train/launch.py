@@ -11,6 +11,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -22,7 +23,7 @@ from fmdist.data.fs import aws_env, filesystem
 from fmdist.data.inputs import open_split, split_uris
 from fmdist.data.sources import Source, resolve
 from fmdist.data.stream import EpochStreams, eval_batches
-from fmdist.runtime import FAIL_AT_STEP_ENV, get_logger
+from fmdist.runtime import FAIL_AT_STEP_ENV, RECORD_ROWS_ENV, get_logger
 from fmdist.tasks import DataInfo
 
 log = get_logger("fmdist")
@@ -142,6 +143,23 @@ def _train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     world_size = ray.train.get_context().get_world_size()
     stream = EpochStreams(cfg, resolve(loop_config["train_uri"], "data.train"), rank, world_size)
     eval_source = resolve(loop_config["eval_uri"], "data.eval") if loop_config["eval_uri"] else None
+    train_batches = stream.batches
+    record_dir = os.environ.get(RECORD_ROWS_ENV)
+    if record_dir:
+        # Drill/test hook: log the row ids of every real micro-batch handed to the loop, one JSON line
+        # each, appended and flushed per line (a killed worker leaves whole lines); the pid tells a
+        # restarted attempt's lines from the failed one's. Placeholders (None) train no rows.
+        def recorded_batches(epoch: int) -> Iterator[dict[str, list] | None]:
+            os.makedirs(record_dir, exist_ok=True)
+            with open(os.path.join(record_dir, f"rows_rank{rank}.jsonl"), "a") as out:
+                for rows in stream.batches(epoch):
+                    if rows is not None:
+                        line = {"rank": rank, "epoch": epoch, "pid": os.getpid(), "row_ids": rows.get("row_id")}
+                        out.write(json.dumps(line) + "\n")
+                        out.flush()
+                    yield rows
+
+        train_batches = recorded_batches
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
@@ -161,7 +179,7 @@ def _train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         fs, path = filesystem(loop_config["restore_from"])
         checkpoint = ray.train.Checkpoint(path, filesystem=fs)
     io = LoopIO(
-        train_batches=stream.batches,
+        train_batches=train_batches,
         iters_per_epoch=stream.iters_per_epoch,
         num_train_rows=stream.source.manifest["total_rows"],
         report=report,
@@ -223,8 +241,9 @@ def train(
 
     write_run_file(cfg, "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     env_vars = aws_env() | ({} if use_gpu else {"DS_ACCELERATOR": "cpu"})
-    if FAIL_AT_STEP_ENV in os.environ:
-        env_vars[FAIL_AT_STEP_ENV] = os.environ[FAIL_AT_STEP_ENV]
+    for drill in (FAIL_AT_STEP_ENV, RECORD_ROWS_ENV):
+        if drill in os.environ:
+            env_vars[drill] = os.environ[drill]
     storage_fs, storage_path = filesystem(cfg.run.storage_path)
     if isinstance(storage_fs, pafs.LocalFileSystem):
         storage_fs = None  # let Ray Train use the plain local path
