@@ -2,15 +2,17 @@
 
 Trains a decoder built from a config (TinyLlama-1.1B's shape, random weights, random tokens, no download)
 at sequence length 2048 in bf16 and prints tokens/s, model FLOPs utilization (MFU) and peak GPU memory
-for each variant. Only the ZeRO-2 vs bare PyTorch comparison is interleaved (ABAB.., `--rounds` rounds,
-median and spread of the ratio); the other cells run once.
+for each variant. Every cell builds its model in a fresh process. Only the ZeRO-2 vs bare PyTorch
+comparison is interleaved (ABAB.., `--rounds` rounds, median and spread of the ratio); the other cells
+run once.
 
     python bench/mfu.py --out results/          # one CUDA GPU, DeepSpeed installed
-    python bench/mfu.py --tiny                  # ~1M parameters, sequence 64, CPU, fp32 (what the tests run)
+    python bench/mfu.py --tiny                  # ~1M parameters, sequence 64, CPU, fp32 (the tests' model)
 
 Precision. Bare PyTorch: fp32 weights, gradients and AdamW state, forward and backward under
 torch.autocast(bf16). DeepSpeed: `"bf16": {"enabled": true}`, i.e. bf16 weights and gradients with fp32
-master weights and AdamW state kept by DeepSpeed's optimizer wrapper. Both step torch.optim.AdamW
+master weights and AdamW state kept by DeepSpeed's optimizer wrapper (at stage 0 its unfused
+mixed-precision wrapper, at stages 2 and 3 the ZeRO optimizer). Both step torch.optim.AdamW
 (fused=True on CUDA) and clip gradients at norm 1.0. On CPU (`--tiny`) everything is fp32: bf16
 matrix products are slow or missing on many CPUs, and the CPU path only checks that the loops train.
 
@@ -30,11 +32,13 @@ import gc
 import importlib.util
 import json
 import logging
+import multiprocessing
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -80,8 +84,9 @@ PRESETS = {
             max_position_embeddings=2048,
         ),
         seq_len=2048,
-        # 8 sequences do not fit 80 GB without checkpointing (fp32 residual stream under autocast).
-        micro_batch_size=4,
+        # The largest power of two that fits 80 GB in every cell: bare torch without checkpointing
+        # peaked at 56.6 GiB on an H100 80GB (fp32 weights, grads and AdamW state, fp32 residual stream).
+        micro_batch_size=8,
     ),
     "tiny": Preset(
         llama=dict(
@@ -108,7 +113,7 @@ class Cell:
     zero_stage: int | None
     """ZeRO stage for the DeepSpeed loop; None for the torch loop."""
     checkpointing: bool
-    """Activation checkpointing of every decoder layer (transformers' gradient_checkpointing_enable)."""
+    """Activation checkpointing of every decoder layer (transformers' activation_checkpointing_enable)."""
 
     @property
     def name(self) -> str:
@@ -118,6 +123,8 @@ class Cell:
 
 @dataclass
 class CellResult:
+    """What one cell measured."""
+
     cell: Cell
     tokens_per_s: float
     step_s: float
@@ -161,7 +168,11 @@ def build_model(preset: Preset, device: torch.device, checkpointing: bool, attn:
         model = LlamaForCausalLM(config)
     if checkpointing:
         # Non-reentrant: the reentrant variant needs inputs that require grad and breaks with ZeRO-3.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.23's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.train()
     return model
 
@@ -217,6 +228,7 @@ def _deepspeed_step(
 ) -> tuple[Callable, object]:
     import deepspeed
 
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # after import: DeepSpeed sets INFO
     init_distributed(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=device.type == "cuda")
     config = ds_config(zero_stage, micro_batch_size, bf16, device.type == "cuda")
@@ -276,7 +288,7 @@ def run_cell(
         peak_memory_gib=peak,
         losses=torch.stack(losses).float().tolist(),  # host-device sync, after the timing
     )
-    # Free this cell's model, optimizer state and engine before the next cell is built.
+    # Free this cell's model, optimizer state and engine: the tests run several cells in one process.
     if engine is not None:
         engine.destroy()
     del step, engine, model
@@ -284,6 +296,36 @@ def run_cell(
     if on_cuda:
         torch.cuda.empty_cache()
     return result
+
+
+def random_batches(vocab_size: int, n: int, micro_batch_size: int, seq_len: int, device: torch.device) -> torch.Tensor:
+    """`n` micro-batches of uniformly random token ids, the same on every call."""
+    gen = torch.Generator(device=device).manual_seed(1)
+    return torch.randint(vocab_size, (n, micro_batch_size, seq_len), generator=gen, device=device)
+
+
+def _cell_process(
+    cell: Cell,
+    preset: Preset,
+    n_batches: int,
+    warmup_steps: int,
+    timed_steps: int,
+    device_type: str,
+    bf16: bool,
+    lr: float,
+    attn: str,
+) -> CellResult | str:
+    """run_cell in a child process; a failure becomes a string, so one broken cell ends only itself."""
+    device = torch.device(device_type)
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # see main()
+    batches = random_batches(preset.llama["vocab_size"], n_batches, preset.micro_batch_size, preset.seq_len, device)
+    try:
+        return run_cell(cell, preset, batches, warmup_steps, timed_steps, device, bf16, lr, attn)
+    except torch.OutOfMemoryError:
+        return "OOM"
+    except Exception as err:  # any DeepSpeed or model failure
+        return f"failed: {type(err).__name__}: {str(err)[:200]}"
 
 
 def _spread(values: list[float], fmt: str = ".3f") -> str:
@@ -312,13 +354,15 @@ def main() -> None:
         preset = Preset(preset.llama, preset.seq_len, args.micro_batch_size)
     if args.tiny:
         device, bf16 = torch.device("cpu"), False
+        # A 1M-parameter model gains nothing from intra-op threads; on a loaded 2-core machine a
+        # second OpenMP thread made a step ~100x slower (spinning against the other load).
+        torch.set_num_threads(1)
     elif torch.cuda.is_available():
         device, bf16 = torch.device("cuda"), True
     else:
         raise SystemExit("no CUDA device: the 1.1B benchmark needs one GPU; run with --tiny for the CPU path")
     # DeepSpeed picks its accelerator at import: say which, rather than let it probe.
     os.environ.setdefault("DS_ACCELERATOR", device.type)
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
     import transformers
 
@@ -326,6 +370,7 @@ def main() -> None:
         import deepspeed
 
         ds_version = deepspeed.__version__
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # after import: DeepSpeed sets INFO
     except ImportError as err:
         if not args.no_deepspeed:
             raise SystemExit(f"DeepSpeed is not importable ({err}): install it, or pass --no-deepspeed") from err
@@ -341,11 +386,16 @@ def main() -> None:
     cfg = preset.llama
     fpt = flops_per_token(n_params, cfg["num_hidden_layers"], cfg["hidden_size"], preset.seq_len)
 
-    lines: list[str] = []
+    log = None
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        log = (args.out / "mfu.txt").open("w")
 
     def say(text: str = "") -> None:
         print(text, flush=True)
-        lines.append(text)
+        if log is not None:  # line by line: a run cut short still leaves what it measured
+            log.write(text + "\n")
+            log.flush()
 
     say(
         f"device: {device_name}; torch {torch.__version__}, transformers {transformers.__version__}, deepspeed {ds_version}"
@@ -366,24 +416,23 @@ def main() -> None:
         f"FLOPs/token = 6N + 12*L*d*seq = {fpt:.4e} (N includes embeddings); peak "
         f"{f'{peak:.3e} FLOP/s' if peak else 'unknown: MFU n/a'}"
     )
-    say(f"{args.warmup_steps} warm-up + {args.steps} timed steps per cell; {args.rounds} interleaved rounds")
-
-    gen = torch.Generator(device=device).manual_seed(1)
-    batches = torch.randint(
-        cfg["vocab_size"],
-        (args.warmup_steps + args.steps, preset.micro_batch_size, preset.seq_len),
-        generator=gen,
-        device=device,
+    say(
+        f"{args.warmup_steps} warm-up + {args.steps} timed steps per cell, each cell in a fresh process; {args.rounds} interleaved rounds"
     )
 
+    n_batches = args.warmup_steps + args.steps
+    # One fresh process per cell (spawned: CUDA cannot fork): no cell inherits another's cached
+    # allocator blocks, leftover ZeRO-3 hooks or peak-memory counter.
+    spawn = multiprocessing.get_context("spawn")
+
     def run(cell: Cell) -> CellResult | str:
-        try:
-            res = run_cell(cell, preset, batches, args.warmup_steps, args.steps, device, bf16, args.lr, attn)
-        except torch.OutOfMemoryError:
-            gc.collect()
-            torch.cuda.empty_cache()
-            say(f"  {cell.name}: out of memory")
-            return "OOM"
+        with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+            res = pool.submit(
+                _cell_process, cell, preset, n_batches, args.warmup_steps, args.steps, device.type, bf16, args.lr, attn
+            ).result()
+        if isinstance(res, str):
+            say(f"  {cell.name}: {res}")
+            return res
         mem = f"{res.peak_memory_gib:.1f} GiB" if res.peak_memory_gib is not None else "n/a"
         say(
             f"  {cell.name}: {res.tokens_per_s:,.0f} tokens/s, {res.step_s * 1e3:.0f} ms/step, peak {mem}, "
@@ -426,7 +475,7 @@ def main() -> None:
         tps = rate(cell)
         ok = [r for r in results[cell] if isinstance(r, CellResult)]
         if tps is None:
-            say(f"{cell.name:<30}{preset.micro_batch_size:>6}{'OOM':>11}")
+            say(f"{cell.name:<30}{preset.micro_batch_size:>6}  {results[cell][0]}")
             continue
         mfu = f"{fpt * tps / peak:.1%}" if peak else "n/a"
         mem = f"{max(r.peak_memory_gib for r in ok):.1f}" if ok[0].peak_memory_gib is not None else "n/a"
@@ -454,8 +503,6 @@ def main() -> None:
             say("  ZeRO-2 tokens/s " + _spread([b for _, b in pairs], ",.0f"))
 
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "mfu.txt").write_text("\n".join(lines) + "\n")
         records = [
             {**asdict(r), "cell": asdict(cell), "name": cell.name}
             if isinstance(r, CellResult)
@@ -471,6 +518,7 @@ def main() -> None:
             "preset": asdict(preset),
         }
         (args.out / "mfu.json").write_text(json.dumps({"meta": meta, "runs": records}, indent=1))
+        log.close()
 
 
 if __name__ == "__main__":
