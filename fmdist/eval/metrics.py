@@ -25,6 +25,17 @@ def count_confusion(counts: torch.Tensor, logits: torch.Tensor, labels: torch.Te
     counts[n * n] += loss.detach().double() * labels.numel()
 
 
+def confusion_metrics() -> dict[str, Any]:
+    """The metric fields of a classification task's record (sequence and image classification):
+    counts are a confusion matrix and a loss sum; metrics come from `classification_metrics`."""
+    return {
+        "counts_size": lambda cfg: confusion_counts_size(cfg.model.num_labels),
+        "count": lambda counts, out, batch, cfg: count_confusion(counts, out.logits, batch["labels"], out.loss),
+        "finalize": lambda counts, cfg: finalize_confusion(counts, cfg.model.label_names),
+        "format_report": format_report,
+    }
+
+
 def finalize_confusion(counts: list[float], label_names: list[str]) -> dict[str, Any]:
     n = len(label_names)
     confusion = [[int(counts[i * n + j]) for j in range(n)] for i in range(n)]

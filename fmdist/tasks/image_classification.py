@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from fmdist.config import Config
-from fmdist.eval.metrics import confusion_counts_size, count_confusion, finalize_confusion, format_report
+from fmdist.eval.metrics import confusion_metrics
 from fmdist.models.resolve import resolve_model_path
 from fmdist.tasks import DataInfo, Rows, Task
 from fmdist.tasks.common import build_auto_model, check_class_labels, is_integer, missing_columns
@@ -91,10 +91,6 @@ def _blank_png() -> bytes:
     return buf.getvalue()
 
 
-def count(counts: torch.Tensor, out: Any, batch: dict[str, torch.Tensor], cfg: Config) -> None:
-    count_confusion(counts, out.logits, batch["labels"], out.loss)
-
-
 def predict(model_dir: str, images: list[str]) -> list[dict[str, Any]]:
     """Labels and scores for image files, via transformers' own pipeline (the export's contract)."""
     from PIL import Image
@@ -119,10 +115,7 @@ TASK = Task(
     load_processor=load_processor,
     collate=collate,
     placeholder=lambda cfg: {cfg.data.text_column: [_blank_png()], cfg.data.label_column: [0]},
-    counts_size=lambda cfg: confusion_counts_size(cfg.model.num_labels),
-    count=count,
-    finalize=lambda counts, cfg: finalize_confusion(counts, cfg.model.label_names),
-    format_report=format_report,
+    **confusion_metrics(),
     export_class="AutoModelForImageClassification",
     pipeline_tag="image-classification",
     predict=predict,

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from fmdist.config import Config
-from fmdist.eval.metrics import confusion_counts_size, count_confusion, finalize_confusion, format_report
+from fmdist.eval.metrics import confusion_metrics
 from fmdist.tasks import DataInfo, Rows, Task
 from fmdist.tasks.common import (
     build_auto_model,
@@ -60,10 +60,6 @@ def collate(rows: Rows, tokenizer: Any, cfg: Config) -> dict[str, torch.Tensor]:
     return batch
 
 
-def count(counts: torch.Tensor, out: Any, batch: dict[str, torch.Tensor], cfg: Config) -> None:
-    count_confusion(counts, out.logits, batch["labels"], out.loss)
-
-
 @torch.no_grad()
 def predict(model_dir: str, texts: list[str], max_length: int = 128, batch_size: int = 64) -> list[dict]:
     """For each text: the predicted label name, its id and the probability of every label."""
@@ -99,10 +95,7 @@ TASK = Task(
     load_processor=load_tokenizer,
     collate=collate,
     placeholder=lambda cfg: {cfg.data.text_column: [""], cfg.data.label_column: [0]},
-    counts_size=lambda cfg: confusion_counts_size(cfg.model.num_labels),
-    count=count,
-    finalize=lambda counts, cfg: finalize_confusion(counts, cfg.model.label_names),
-    format_report=format_report,
+    **confusion_metrics(),
     export_class="AutoModelForSequenceClassification",
     pipeline_tag="text-classification",
     predict=predict,
