@@ -111,7 +111,13 @@ def test_reference_doc_matches_the_code():
 
 def test_a_mistyped_field_does_not_hide_later_problems(tmp_path):
     """A type error used to stop validation: `tune.quantile_fraction: x` hid `run.keep_checkpoints: -1`."""
-    raw = {"data": {"train": "x"}, "tune": {"quantile_fraction": "x"}, "run": {"keep_checkpoints": -1}}
+    raw = {
+        "data": {"train": "x"},
+        "train": {"max_steps": 10},
+        "tune": {"scheduler": "pbt", "perturbation_interval_steps": 5, "quantile_fraction": "x",
+                 "search_space": {"train.lr": {"choice": [0.1]}}},
+        "run": {"keep_checkpoints": -1},
+    }  # fmt: skip
     with pytest.raises(ConfigError) as err:
         config.load(write(tmp_path, raw))
     assert "tune.quantile_fraction: expected float, got str 'x'" in str(err.value)
