@@ -231,6 +231,13 @@ def read_shard(source: Source, index: int) -> pa.Table:
     return pa.concat_tables(list(decode_verified_shard(data, path, shard, source.format)))
 
 
+def first_row_in_file(source: Source, index: int) -> int:
+    """The file-level row number of shard `index`'s first row: 0 for a prepared shard (a file each),
+    the rows of the earlier row groups for a row group of a plain Parquet/Arrow file."""
+    return sum(s["rows"] for s, f in zip(source.manifest["shards"][:index], source.files, strict=False)
+               if f == source.files[index])  # fmt: skip
+
+
 def iter_file_tables(source: Source, index: int, batch_rows: int = 65_536):
     """Tables of one shard of a source, in row order (prepared shards are verified first)."""
     for batch in read_shard(source, index).to_batches(max_chunksize=batch_rows):
@@ -261,7 +268,7 @@ def check_labels(source: Source, label_column: str, num_labels: int, field: str)
             stats = source.manifest["shards"][index].get("int_stats", {}).get(label_column)
             if stats and not stats["nulls"] and stats["min"] >= 0 and stats["max"] < num_labels:
                 continue
-        row = 0
+        row = first_row_in_file(source, index)
         for table in iter_file_tables(source, index):
             labels = table.column(label_column)
             bad = pc.or_(pc.is_null(labels), pc.or_(pc.less(labels, 0), pc.greater_equal(labels, num_labels)))

@@ -49,7 +49,7 @@ def check_labels(cfg: Config, source: Any, field: str) -> None:
     A prepared data set records its tag vocabulary in the manifest: when that is inside the label
     set, nothing is read.
     """
-    from fmdist.data.sources import iter_file_tables
+    from fmdist.data.sources import first_row_in_file, iter_file_tables
 
     names = cfg.model.label_names
     manifest_names = (source.manifest or {}).get("label_names")
@@ -58,7 +58,7 @@ def check_labels(cfg: Config, source: Any, field: str) -> None:
     known = set(names)
     column = cfg.data.label_column
     for index, path in enumerate(source.files):
-        row = 0
+        row = first_row_in_file(source, index)
         for table in iter_file_tables(source, index):
             for i, tags in enumerate(table.column(column).to_pylist()):
                 bad = [t for t in tags or [] if (t not in known if isinstance(t, str) else not 0 <= t < len(names))]
