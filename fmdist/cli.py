@@ -1,4 +1,4 @@
-"""The `fmdist` command: prepare, train, tune, export, predict, eval, config-reference."""
+"""The `fmdist` command: prepare, train, tune, export, predict, generate, eval, config-reference."""
 
 from __future__ import annotations
 
@@ -76,7 +76,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from fmdist.predict import task_of
     from fmdist.train.export import export
 
-    out = export(args.run, args.out_dir)
+    out = export(args.run, args.out_dir, adapter=args.adapter)
+    if args.adapter:
+        print(f"exported a peft adapter to {out} (load it with peft.PeftModel.from_pretrained(base_model, {out!r}))")
+        return 0
     task = task_of(out)
     print(
         f"exported a Hugging Face model to {out} (load it with transformers.{task.export_class}.from_pretrained, "
@@ -106,6 +109,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for item, pred in zip(inputs, predict(args.model_dir, inputs), strict=True):
         if args.json:
             print(json.dumps({"input": item, **pred}))
+        elif "continuation" in pred:
+            print(f"{item}{pred['continuation']}")
+        elif "fills" in pred:
+            fills = " | ".join(
+                ", ".join(f"{f['token']} {f['probability']:.2f}" for f in slot) for slot in pred["fills"]
+            )
+            print(f"{item}\n    {fills}")
         elif "entities" in pred:
             found = "  ".join(
                 f"[{e['entity']} {item[e['start'] : e['end']]!r} {e['start']}:{e['end']} {e['score']:.2f}]"
@@ -115,6 +125,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
         else:
             probs = "  ".join(f"{k}={v:.3f}" for k, v in list(pred["probabilities"].items())[:5])
             print(f"{pred['label']:<12} {probs}  | {item}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from fmdist.tasks.language_modeling import generate
+
+    text = generate(args.model_dir, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
+    print(args.prompt + text)
     return 0
 
 
@@ -145,6 +163,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         eval_fraction=args.eval_fraction,
         seed=args.seed,
         input_format=args.input_format,
+        train_tokenizer=args.train_tokenizer,
+        vocab_size=args.vocab_size,
+        text_column=args.text_column,
     )
     for split, manifest in manifests.items():
         print(
@@ -153,6 +174,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     names = manifests["train"].get("label_names")
     if names:
         print(f"label set ({len(names)}, recorded in the manifests): {', '.join(names)}")
+    if args.train_tokenizer:
+        print(f"{output.rstrip('/')}/tokenizer: a byte-level BPE of {args.vocab_size} tokens (set model.tokenizer)")
     deid = manifests["train"]["deidentification"]
     if deid["enabled"]:
         print("replaced: " + ", ".join(f"{k} {v}" for k, v in deid["replaced"].items()))
@@ -186,7 +209,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="consolidate a run's newest checkpoint into a Hugging Face model directory")
     p.add_argument("run", help="run directory (run.storage_path/run.name) or one checkpoint directory")
     p.add_argument("out_dir")
+    p.add_argument(
+        "--adapter", action="store_true", help="peft runs: write the adapter (loads with peft) instead of merging it"
+    )
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("generate", help="continue a prompt with an exported causal language model")
+    p.add_argument("model_dir")
+    p.add_argument("--prompt", default="", help="the text to continue (default: start a new document)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens only")
+    p.add_argument("--seed", type=int, default=0, help="seeds the sampling")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("predict", help="print labels, entities or classes from an exported model")
     p.add_argument("model_dir")
@@ -215,9 +250,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redact", action="store_true", help="replace e-mails, phones, URLs, IPs and card numbers")
     p.add_argument("--format", choices=["parquet", "arrow"], default="parquet")
     p.add_argument("--rows-per-shard", type=int, default=10_000)
-    p.add_argument("--eval-fraction", type=float, default=0.0, help="put this fraction of rows in OUTPUT/eval")
+    p.add_argument(
+        "--eval-fraction",
+        type=float,
+        default=0.0,
+        help="put this fraction of rows in OUTPUT/eval (a seeded sample; for plain text, the contiguous tail)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seeds the train/eval split")
     p.add_argument("--input-format", choices=["csv", "tsv", "jsonl", "conll", "text"], help="default: from the suffix")
+    p.add_argument(
+        "--train-tokenizer", choices=["bpe"], help="also train a byte-level BPE on the train split -> OUTPUT/tokenizer"
+    )
+    p.add_argument("--vocab-size", type=int, default=8192, help="tokens in the trained tokenizer (--train-tokenizer)")
+    p.add_argument("--text-column", default="text", help="the column the tokenizer learns from (default: text)")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("config-reference", help="print the config reference (Markdown)")

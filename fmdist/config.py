@@ -37,7 +37,8 @@ class ModelConfig:
     )
     task: str = _field(
         "sequence-classification",
-        "What to fine-tune for: sequence-classification, token-classification or image-classification.",
+        "What to train for: sequence-classification, token-classification, image-classification, causal-lm "
+        "(next-token pre-training or fine-tuning) or masked-lm (continued pre-training of an encoder).",
     )
     num_labels: int | None = _field(
         None,
@@ -56,6 +57,11 @@ class ModelConfig:
         "overrides (e.g. {num_hidden_layers: 1}) instead of loading its weights. A `name_or_path` "
         "directory without weights (e.g. configs/models/digits-cnn) is always built fresh.",
     )
+    tokenizer: str | None = _field(
+        None,
+        "Tokenizer directory (or `package:<module>`) to use instead of the model's own, e.g. the tokenizer/ that "
+        "`fmdist prepare --train-tokenizer bpe` writes. The model's vocabulary is sized to it when built fresh.",
+    )
 
 
 @dataclass
@@ -71,10 +77,15 @@ class DataConfig:
         "Evaluation data, same forms as `train`; default: the eval/ of a prepare output given as `train`. "
         "Every worker evaluates an even, contiguous share.",
     )
+    eval_fraction: float = _field(
+        0.0,
+        "Hold this fraction of `train` out as eval when `eval` is unset, for files prepared into the cache: plain "
+        "text keeps its contiguous tail (language modelling), other files a sample seeded by train.seed.",
+    )
     text_column: str | None = _field(
         None,
         "Column holding the input: default `sentence` (sequence-classification), `tokens` (a list of words, "
-        "token-classification), `image` (encoded bytes, image-classification).",
+        "token-classification), `image` (encoded bytes, image-classification), `text` (causal-lm, masked-lm).",
     )
     label_column: str | None = _field(
         None, "Column holding the label: default `label`, or `tags` (one per word) for token-classification."
@@ -84,7 +95,20 @@ class DataConfig:
         "Where inputs that are not shards (CSV, TSV, JSONL, CoNLL, text) are prepared once, keyed by their "
         "sha256; default: run.storage_path/.cache.",
     )
-    max_length: int = _field(128, "Tokens per example after truncation; batches are padded to their longest row.")
+    max_length: int = _field(
+        128,
+        "Tokens per example after truncation (batches are padded to their longest row); with `packing`, the "
+        "length of every packed block.",
+    )
+    packing: bool | None = _field(
+        None,
+        "Language modelling: tokenize the text once and pack it into blocks of exactly `max_length` tokens, "
+        "documents separated by the EOS token, no padding (the last block of a split is padded). false: one "
+        "padded row per text. Default: true for causal-lm, false for masked-lm; other tasks refuse it.",
+    )
+    mlm_probability: float = _field(
+        0.15, "masked-lm: fraction of tokens to predict; of those 80% become [MASK], 10% a random token, 10% stay."
+    )
     shuffle_window_rows: int = _field(
         1024, "Rows each worker holds to shuffle within (bounded memory); shard order is shuffled per epoch too."
     )
@@ -138,6 +162,52 @@ class RunConfig:
     )
     keep_checkpoints: int = _field(2, "Checkpoints kept per run (the newest ones).")
     max_failures: int = _field(0, "Worker-group restarts Ray Train attempts (each resumes from the latest checkpoint).")
+
+
+PEFT_METHODS = ("none", "lora", "adalora", "ia3")
+
+
+@dataclass
+class PeftSettings:
+    method: str = _field(
+        "none",
+        f"Parameter-efficient fine-tuning with the peft library: one of {', '.join(PEFT_METHODS)}. The base "
+        "weights are frozen; only the adapters (and a new task head) train and are checkpointed.",
+    )
+    r: int = _field(8, "LoRA/AdaLoRA rank (AdaLoRA: the target average rank).")
+    alpha: float = _field(16.0, "LoRA/AdaLoRA scaling numerator (the update is scaled by alpha / r).")
+    dropout: float = _field(0.05, "Dropout on the adapter's input (LoRA/AdaLoRA).")
+    target_modules: list[str] | None = _field(
+        None,
+        "Module names to adapt, e.g. [query, value]; default: peft's choice for the architecture (the "
+        "attention projections), and for ia3 its feed-forward layers too.",
+    )
+    modules_to_save: list[str] | None = _field(
+        None, "Modules trained fully next to the adapters; default: the task's new head (classifier or score)."
+    )
+
+
+@dataclass
+class DistillConfig:
+    teacher: str | None = _field(
+        None,
+        "Distil from this teacher (an exported model directory or a run directory) into `model`; off when "
+        "null. The teacher is frozen, in eval mode, and held whole on every worker.",
+    )
+    alpha: float = _field(
+        0.5, "Weight of the loss on the labels; the remaining 1 - alpha weighs T^2 x KL to the teacher's outputs."
+    )
+    temperature: float = _field(2.0, "Softmax temperature T of the KL term.")
+    hidden_mse_weight: float = _field(
+        0.0,
+        "Weight of an extra MSE between the student's last hidden states and the teacher's (DistilBERT's cosine/"
+        "hidden term); needs equal hidden sizes.",
+    )
+    init_from_teacher: bool = _field(
+        False,
+        "Start the student from the teacher (DistilBERT): embeddings and head copied, student layer i from "
+        "teacher layer 2i. The student's depth comes from model.from_config, e.g. {num_hidden_layers: 3}.",
+    )
 
 
 SCHEDULERS = ("fifo", "asha", "pbt")
@@ -195,6 +265,8 @@ class Config:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     run: RunConfig = field(default_factory=RunConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    peft: PeftSettings = field(default_factory=PeftSettings)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     @property
     def global_batch_size(self) -> int:
@@ -315,6 +387,8 @@ def _validate(cfg: Config, problems: list[str]) -> None:
     if not d.train:
         problems.append("data.train: required; point it at a directory of shards or a data file.")
     positive("data.max_length", d.max_length)
+    if isinstance(d.eval_fraction, float) and not 0 <= d.eval_fraction < 1:
+        problems.append(f"data.eval_fraction: must be in [0, 1), got {d.eval_fraction!r}.")
     positive("data.shuffle_window_rows", d.shuffle_window_rows)
     positive("train.epochs", t.epochs)
     positive("train.max_steps", t.max_steps, allow_none=True)
@@ -349,6 +423,7 @@ def _validate(cfg: Config, problems: list[str]) -> None:
     if isinstance(s.use_gpu, str) and s.use_gpu != "auto":
         problems.append(f"scaling.use_gpu: must be auto, true or false; got {s.use_gpu!r}.")
     _validate_tune(cfg, problems, positive, one_of)
+    _validate_lm_peft_distill(cfg, problems, positive, one_of)
     positive("run.checkpoint_every_steps", r.checkpoint_every_steps, allow_none=True)
     positive("run.keep_checkpoints", r.keep_checkpoints)
     if isinstance(r.max_failures, int) and r.max_failures < 0:
@@ -391,6 +466,34 @@ def _validate_tune(cfg: Config, problems: list[str], positive: Any, one_of: Any)
                 "train.max_steps: PBT rounds need a fixed budget of optimizer steps (the LR schedule spans all "
                 "rounds); set it, e.g. train.max_steps=1000."
             )
+
+
+LM_TASKS = ("causal-lm", "masked-lm")
+
+
+def _validate_lm_peft_distill(cfg: Config, problems: list[str], positive: Any, one_of: Any) -> None:
+    d, p, k = cfg.data, cfg.peft, cfg.distill
+    if d.packing and cfg.model.task not in LM_TASKS:
+        problems.append(
+            f"data.packing: packs text for language modelling (causal-lm, masked-lm), not {cfg.model.task}; "
+            "leave it unset."
+        )
+    if isinstance(d.mlm_probability, float) and not 0 < d.mlm_probability < 1:
+        problems.append(f"data.mlm_probability: must be in (0, 1), got {d.mlm_probability!r}.")
+    one_of("peft.method", p.method, PEFT_METHODS)
+    positive("peft.r", p.r)
+    positive("peft.alpha", p.alpha)
+    if isinstance(p.dropout, float) and not 0 <= p.dropout < 1:
+        problems.append(f"peft.dropout: must be in [0, 1), got {p.dropout!r}.")
+    if isinstance(k.alpha, float) and not 0 <= k.alpha <= 1:
+        problems.append(f"distill.alpha: must be in [0, 1], got {k.alpha!r}.")
+    positive("distill.temperature", k.temperature)
+    if isinstance(k.hidden_mse_weight, float) and k.hidden_mse_weight < 0:
+        problems.append(f"distill.hidden_mse_weight: must be >= 0, got {k.hidden_mse_weight!r}.")
+    if k.init_from_teacher and not k.teacher:
+        problems.append("distill.init_from_teacher: needs distill.teacher (the model to copy layers from).")
+    if k.teacher and cfg.model.task == "image-classification" and k.hidden_mse_weight:
+        problems.append("distill.hidden_mse_weight: image models' hidden states differ in shape; leave it 0.")
 
 
 def pbt_mutations(t: TuneConfig) -> list[str]:
@@ -482,6 +585,8 @@ def _fill_task_defaults(cfg: Config) -> None:
     task = get(cfg.model.task)
     cfg.data.text_column = cfg.data.text_column or task.input_column
     cfg.data.label_column = cfg.data.label_column or task.label_column
+    if cfg.data.packing is None:
+        cfg.data.packing = cfg.model.task == "causal-lm"
     if cfg.model.label_names is not None:
         cfg.model.label_names = [str(n) for n in cfg.model.label_names]
         cfg.model.num_labels = len(cfg.model.label_names)

@@ -17,13 +17,16 @@ from fmdist import tasks
 from fmdist.config import Config, ModelConfig
 from fmdist.data.inputs import open_split
 from fmdist.data.sources import iter_tables
-from fmdist.tasks import Task
+from fmdist.tasks import DataInfo, Task
 from fmdist.train.export import TRAINING_FILE
 
 ARCHITECTURE_SUFFIXES = {
     "ForSequenceClassification": "sequence-classification",
     "ForTokenClassification": "token-classification",
     "ForImageClassification": "image-classification",
+    "ForCausalLM": "causal-lm",
+    "LMHeadModel": "causal-lm",
+    "ForMaskedLM": "masked-lm",
 }
 EVAL_CACHE = os.path.expanduser("~/.cache/fmdist/prepared")
 
@@ -64,22 +67,27 @@ def evaluate(
     model = getattr(transformers, task.export_class).from_pretrained(model_dir).eval()
     processor = task.load_processor(model_dir)
     cfg = Config(model=ModelConfig(name_or_path=model_dir, task=task.name))
-    cfg.model.label_names = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    cfg.model.num_labels = len(cfg.model.label_names)
+    if task.labelled:
+        cfg.model.label_names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+        cfg.model.num_labels = len(cfg.model.label_names)
     cfg.data.text_column = text_column or task.input_column
     cfg.data.label_column = label_column or task.label_column
     cfg.data.max_length = max_length
+    cfg.data.packing = task.name == "causal-lm"
     source = open_split(data, "--data", EVAL_CACHE)
-    for column in (cfg.data.text_column, cfg.data.label_column):
-        if column not in source.manifest["schema"]:
-            raise ValueError(
-                f"--data {data!r} has no column {column!r}; it has {list(source.manifest['schema'])}. "
-                "Pass --text-column / --label-column."
-            )
+    if task.prepare_split is not None:
+        source = task.prepare_split(cfg, source, "--data", EVAL_CACHE)
+    problems = task.check(cfg, DataInfo("--data", data, source.manifest["schema"], None))
+    if problems:
+        raise ValueError(
+            " ".join(problems)
+            .replace("data.text_column", "--text-column")
+            .replace("data.label_column", "--label-column")
+        )
     task.check_labels(cfg, source, "--data")
     counts = torch.zeros(task.counts_size(cfg), dtype=torch.float64)
     for table in iter_tables(source, batch_rows=batch_size):
         batch = task.collate(table.to_pydict(), processor, cfg)
         inputs = {k: v for k, v in batch.items() if not k.startswith("stats/")}
-        task.count(counts, model(**inputs), inputs, cfg)
+        task.count(counts, model(**inputs), batch, cfg)
     return task.finalize(counts.tolist(), cfg)

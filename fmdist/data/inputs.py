@@ -44,9 +44,10 @@ def _file_uri(source: Source, path: str) -> str:
     return f"s3://{path}" if source.uri.startswith("s3://") else path
 
 
-def _digest(source: Source) -> str:
+def _digest(source: Source, eval_fraction: float, seed: int) -> str:
     """sha256 over the inputs' bytes (in order) and what shapes the prepared output."""
-    h = hashlib.sha256(f"fmdist {__version__} rows/shard {CACHE_ROWS_PER_SHARD}\n".encode())
+    shape = f"fmdist {__version__} rows/shard {CACHE_ROWS_PER_SHARD} eval {eval_fraction} seed {seed}\n"
+    h = hashlib.sha256(shape.encode())
     for path in source.files:
         with source.filesystem.open_input_stream(path) as f:
             while chunk := f.read(1 << 20):
@@ -57,26 +58,59 @@ def _digest(source: Source) -> str:
 
 def open_split(uri: str, field: str, cache_dir: str) -> Source:
     """The shards behind `uri`, preparing other formats into the cache on first use."""
-    from fmdist.data.prepare import prepare
-
     source = resolve(uri, field)
     if source.manifest is not None:
         return source
-    target = f"{cache_dir.rstrip('/')}/{_digest(source)[:24]}"
+    return resolve(f"{_cached(source, field, cache_dir, 0.0, 0)}/train", field)
+
+
+def _cached(source: Source, field: str, cache_dir: str, eval_fraction: float, seed: int) -> str:
+    """The cache directory holding `source`'s files prepared into shards, preparing them the first time."""
+    from fmdist.data.prepare import prepare
+
+    target = f"{cache_dir.rstrip('/')}/{_digest(source, eval_fraction, seed)[:24]}"
     fs, path = filesystem(target)
     if fs.get_file_info(f"{path}/train/{MANIFEST}").type != pafs.FileType.File:
         inputs = [_file_uri(source, p) for p in source.files]
         log.info("%s: preparing %d %s file(s) into shards at %s (once; later runs reuse them)", field,
                  len(inputs), source.format, target)  # fmt: skip
+        options = dict(rows_per_shard=CACHE_ROWS_PER_SHARD, eval_fraction=eval_fraction, seed=seed)
         if isinstance(fs, pafs.LocalFileSystem):
             # Prepare beside the target and rename: a run or trial that sees the directory sees it whole.
             scratch = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            prepare(inputs, scratch, rows_per_shard=CACHE_ROWS_PER_SHARD)
+            prepare(inputs, scratch, **options)
             try:
                 os.rename(scratch, path)
             except OSError:  # another process prepared the same inputs first
                 shutil.rmtree(scratch, ignore_errors=True)
         else:
             # Object stores have no rename; the manifest is written last, so a torn prepare is redone.
-            prepare(inputs, target, rows_per_shard=CACHE_ROWS_PER_SHARD)
-    return resolve(f"{target}/train", field)
+            prepare(inputs, target, **options)
+    return target
+
+
+def open_splits(
+    train: str, eval_: str | None, cache_dir: str, eval_fraction: float = 0.0, seed: int = 0
+) -> dict[str, Source]:
+    """The train and (when there is one) eval shards of a run's `data` section.
+
+    `eval_fraction` holds out part of `train` as eval when no eval data is given: plain text keeps its
+    contiguous tail, other files a seeded sample (see `fmdist prepare --eval-fraction`).
+
+    Raises:
+        ValueError: `eval_fraction` with data that is already shards (hold eval out with fmdist prepare).
+    """
+    train, eval_ = split_uris(train, eval_)
+    if eval_ is not None or not eval_fraction:
+        sources = {"train": open_split(train, "data.train", cache_dir)}
+        if eval_ is not None:
+            sources["eval"] = open_split(eval_, "data.eval", cache_dir)
+        return sources
+    source = resolve(train, "data.train")
+    if source.manifest is not None:
+        raise ValueError(
+            f"data.eval_fraction: {train!r} is already shards, which are read in place; hold an eval split out "
+            "with `fmdist prepare --eval-fraction` and point data.train at its output, or set data.eval."
+        )
+    root = _cached(source, "data.train", cache_dir, eval_fraction, seed)
+    return {"train": resolve(f"{root}/train", "data.train"), "eval": resolve(f"{root}/eval", "data.eval")}

@@ -126,16 +126,45 @@ def _conll_columns(sentences: list[list[list[str]]]) -> Columns:
     return out
 
 
+TEXT_ROW_CHARS = 8192
+"""A paragraph longer than this is cut into rows of whole lines (a file without blank lines stays spread
+over many rows and shards)."""
+
+
 def _read_text(fs: pafs.FileSystem, path: str) -> Iterator[Columns]:
+    """Rows of running text for language modelling: a paragraph per row (its lines up to and including
+    the blank lines after it), every newline kept, so that the rows in order are the file exactly."""
     batch: list[str] = []
+    paragraph: list[str] = []
+    size = 0
     for line in _text_lines(fs, path):
-        if line.strip():
-            batch.append(line.rstrip("\n"))
+        starts_paragraph = bool(line.strip()) and bool(paragraph) and not paragraph[-1].strip()
+        if starts_paragraph or (paragraph and size + len(line) > TEXT_ROW_CHARS):
+            batch.append("".join(paragraph))
+            paragraph, size = [], 0
+        paragraph.append(line)
+        size += len(line)
         if len(batch) == BATCH_ROWS:
             yield {"text": batch}
             batch = []
+    if paragraph:
+        batch.append("".join(paragraph))
     if batch:
         yield {"text": batch}
+
+
+def _tail_split(fs: pafs.FileSystem, path: str, eval_fraction: float) -> Iterator[tuple[Columns, list[bool]]]:
+    """A text file's rows with their split: eval is the contiguous tail holding `eval_fraction` of the
+    characters, so a language model is evaluated on text that follows its training text, never on
+    lines shuffled out of it."""
+    total = sum(len(line) for line in _text_lines(fs, path))
+    seen = 0
+    for columns in _read_text(fs, path):
+        is_eval = []
+        for text in columns["text"]:
+            is_eval.append(seen >= total * (1 - eval_fraction))
+            seen += len(text)
+        yield columns, is_eval
 
 
 @dataclass(frozen=True)
@@ -358,6 +387,40 @@ class ShardWriter:
         self._buffer, self._buffered = [], 0
 
 
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<pad>"
+TOKENIZER_DIR = "tokenizer"
+
+
+def train_bpe_tokenizer(texts: Iterator[str], vocab_size: int, out_dir: str) -> Any:
+    """A byte-level BPE (GPT-2's scheme: any text encodes, newlines included) trained on `texts` with the
+    tokenizers library, saved as a transformers tokenizer in `out_dir`; returns it.
+
+    `<|endoftext|>` separates documents (bos, eos and unk) and `<pad>` pads; neither is ever learned
+    from the text.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < 260:
+        raise ValueError(f"--vocab-size {vocab_size}: must be at least 260 (256 bytes plus the special tokens).")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN, PAD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, unk_token=EOS_TOKEN, pad_token=PAD_TOKEN
+    )
+    wrapped.save_pretrained(out_dir)
+    return wrapped
+
+
 def prepare(
     inputs: list[str],
     output: str,
@@ -368,6 +431,9 @@ def prepare(
     eval_fraction: float = 0.0,
     seed: int = 0,
     input_format: str | None = None,
+    train_tokenizer: str | None = None,
+    vocab_size: int = 8192,
+    text_column: str = "text",
 ) -> dict[str, dict]:
     """Write shards and manifests under `output`/train (and `output`/eval); returns the manifests.
 
@@ -376,7 +442,13 @@ def prepare(
     folders, sorted by name) and `path` (relative to the folder). Each manifest records `label_names`
     (class folders, or the CoNLL tag vocabulary of all inputs with "O" first; None for other inputs) and
     `task_hint` ("image-classification", "token-classification" or None).
+
+    Plain text is read a paragraph per row with its newlines, and its eval split is the contiguous tail
+    of each file. `train_tokenizer="bpe"` trains a byte-level BPE of `vocab_size` on the train split's
+    `text_column` and writes it to `output`/tokenizer (for `model.tokenizer`).
     """
+    if train_tokenizer not in (None, "bpe"):
+        raise ValueError(f"--train-tokenizer {train_tokenizer!r}: only bpe is supported.")
     if output_format not in OUTPUT_FORMATS:
         raise ValueError(f"--format {output_format!r}: must be parquet or arrow.")
     if rows_per_shard <= 0:
@@ -405,8 +477,17 @@ def prepare(
     rng = random.Random(seed)
     next_row_id = 0
     for uri in inputs:
-        batches = read_image_folder(folders[uri], class_index) if uri in folders else read_input(uri, kinds[uri])
+        if kinds[uri] == "text" and len(splits) == 2:
+            fs_in, path_in = filesystem(uri)
+            batches = _tail_split(fs_in, path_in, eval_fraction)
+        elif uri in folders:
+            batches = read_image_folder(folders[uri], class_index)
+        else:
+            batches = read_input(uri, kinds[uri])
         for columns in batches:
+            tail = None
+            if isinstance(columns, tuple):
+                columns, tail = columns
             if kinds[uri] == "conll":
                 # The tag vocabulary of all inputs, so train and eval manifests carry the same list.
                 names.update(tag for sentence in columns["tags"] for tag in sentence)
@@ -419,7 +500,7 @@ def prepare(
             if len(splits) == 1:
                 writers["train"].add(table, uri)
                 continue
-            is_eval = pa.array([rng.random() < eval_fraction for _ in range(n)])
+            is_eval = pa.array(tail if tail is not None else [rng.random() < eval_fraction for _ in range(n)])
             writers["eval"].add(table.filter(is_eval), uri)
             writers["train"].add(table.filter(pc.invert(is_eval)), uri)
     if next_row_id == 0:
@@ -439,10 +520,33 @@ def prepare(
             "sources": list(inputs),
             "label_names": label_names(kind, names),
             "task_hint": TASK_HINTS.get(kind),
-            "split_rule": {"eval_fraction": eval_fraction, "seed": seed},
+            "split_rule": {
+                "eval_fraction": eval_fraction,
+                "seed": seed,
+                "text": "contiguous tail of each text file" if "text" in kinds.values() else None,
+            },
             "deidentification": redactor.report() if redactor else {"enabled": False},
         }
         with fs.open_output_stream(f"{root}/{split}/{MANIFEST}") as f:
             f.write(json.dumps(manifest, indent=2).encode())
         manifests[split] = manifest
+    if train_tokenizer:
+        if text_column not in manifests["train"]["schema"]:
+            raise ValueError(
+                f"--train-tokenizer: the data has no column {text_column!r} to learn from "
+                f"(it has {list(manifests['train']['schema'])}); pass --text-column."
+            )
+        train_bpe_tokenizer(_split_texts(fs, f"{root}/train", manifests["train"], text_column), vocab_size,
+                            f"{root}/{TOKENIZER_DIR}")  # fmt: skip
     return manifests
+
+
+def _split_texts(fs: pafs.FileSystem, directory: str, manifest: dict, column: str) -> Iterator[str]:
+    for shard in manifest["shards"]:
+        with fs.open_input_file(f"{directory}/{shard['path']}") as f:
+            table = (
+                pq.read_table(f, columns=[column])
+                if manifest["format"] == "parquet"
+                else pa.ipc.open_file(f).read_all()
+            )
+        yield from (t for t in table.column(column).to_pylist() if t)

@@ -56,14 +56,16 @@ class Task:
     """A model with a head for `cfg.model.label_names`; call after seeding (ranks must agree)."""
     load_processor: Callable[[str], Any]
     """Tokenizer or image processor from a model directory (the config's or a checkpoint's)."""
-    collate: Callable[[Rows, Any, Config], dict[str, torch.Tensor]]
-    """Rows -> model inputs. Keys starting with `stats/` are counters for the loop, not model inputs."""
+    collate: Callable[[Rows, Any, Config, int | None], dict[str, torch.Tensor]]
+    """(rows, processor, config, seed) -> model inputs. Keys starting with `stats/` are counters for the
+    loop and `count`, not model inputs. `seed` drives a task's randomness (masked-lm's masking): the loop
+    derives it from the rank and iter, so a resumed run draws the same; None in evaluation."""
     placeholder: Callable[[Config], Rows]
     """One row the collate accepts, for a rank that ran out of data (its loss is multiplied by 0)."""
     counts_size: Callable[[Config], int]
     """Length of the metric-count tensor."""
     count: Callable[[torch.Tensor, Any, dict[str, torch.Tensor], Config], None]
-    """Add one eval batch (model output, collated batch) to the count tensor in place."""
+    """Add one eval batch (model output, collated batch with its `stats/` counters) to the counts in place."""
     finalize: Callable[[list[float], Config], Metrics]
     """Summed counts -> metrics."""
     format_report: Callable[[Metrics], str]
@@ -76,14 +78,24 @@ class Task:
     """(exported model dir, inputs) -> one prediction record per input."""
     loss: Callable[[Any, dict[str, torch.Tensor]], torch.Tensor] = lambda out, batch: out.loss
     """Training loss from the model output; by default the model's own."""
+    labelled: bool = True
+    """False for tasks that learn from the input alone (language modelling): no label set is frozen or checked."""
+    prepare_split: Callable[[Config, Any, str, str], Any] | None = None
+    """(config, Source, field, cache dir) -> the Source to train on, made before training (LM packing)."""
 
 
 @functools.cache
 def registry() -> dict[str, Task]:
     """Every task by `model.task` name."""
-    from fmdist.tasks import image_classification, sequence_classification, token_classification
+    from fmdist.tasks import image_classification, language_modeling, sequence_classification, token_classification
 
-    tasks = (sequence_classification.TASK, token_classification.TASK, image_classification.TASK)
+    tasks = (
+        sequence_classification.TASK,
+        token_classification.TASK,
+        image_classification.TASK,
+        language_modeling.CAUSAL_LM,
+        language_modeling.MASKED_LM,
+    )
     return {t.name: t for t in tasks}
 
 

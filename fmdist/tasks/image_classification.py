@@ -65,7 +65,7 @@ def decode(value: Any, where: str) -> Any:
     return image.convert("RGB")
 
 
-def collate(rows: Rows, processor: Any, cfg: Config) -> dict[str, torch.Tensor]:
+def collate(rows: Rows, processor: Any, cfg: Config, seed: int | None = None) -> dict[str, torch.Tensor]:
     n = len(rows[cfg.data.label_column])
     shards, ids = rows.get("_shard") or [None] * n, rows.get("row_id") or [None] * n
     images = [

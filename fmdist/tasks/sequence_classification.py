@@ -43,7 +43,7 @@ def build_model(cfg: Config) -> torch.nn.Module:
     return build_auto_model(AutoModelForSequenceClassification, cfg.model)
 
 
-def collate(rows: Rows, tokenizer: Any, cfg: Config) -> dict[str, torch.Tensor]:
+def collate(rows: Rows, tokenizer: Any, cfg: Config, seed: int | None = None) -> dict[str, torch.Tensor]:
     """Columns of one micro-batch -> tensors, padded to the longest row in this batch (not max_length)."""
     texts = [str(t) for t in rows[cfg.data.text_column]]
     batch = dict(

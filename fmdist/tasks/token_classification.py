@@ -78,7 +78,7 @@ def build_model(cfg: Config) -> torch.nn.Module:
     return build_auto_model(AutoModelForTokenClassification, cfg.model)
 
 
-def collate(rows: Rows, tokenizer: Any, cfg: Config) -> dict[str, torch.Tensor]:
+def collate(rows: Rows, tokenizer: Any, cfg: Config, seed: int | None = None) -> dict[str, torch.Tensor]:
     """Words -> sub-tokens; each word's tag on its first sub-token, -100 on the others and on specials."""
     names = cfg.model.label_names
     label2id = {n: i for i, n in enumerate(names)}

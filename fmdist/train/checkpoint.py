@@ -185,14 +185,18 @@ def save(
     """
     rank = dist.get_rank()
     path = Path(directory)
-    engine.save_checkpoint(str(path), tag=DS_TAG, client_state=state)
+    # Frozen weights (a peft base model) are not saved: resuming and export rebuild them from
+    # model.name_or_path, so a checkpoint holds what trains plus what resuming needs, nothing more.
+    trainable_only = any(not p.requires_grad for p in engine.module.parameters())
+    engine.save_checkpoint(str(path), tag=DS_TAG, client_state=state, exclude_frozen_parameters=trainable_only)
     (path / f"rng_rank{rank}.json").write_text(json.dumps(_rng_state()))
     if data_state is not None:
         _save_data_state(path, rank, data_state)
     else:
         (path / f"data_rank{rank}.json").write_text("null")
     if rank == 0:
-        (path / STATE_FILE).write_text(json.dumps({**state, **meta}, indent=2, default=str))
+        record = {**state, **meta, "trainable_only": trainable_only}
+        (path / STATE_FILE).write_text(json.dumps(record, indent=2, default=str))
         engine.module.config.save_pretrained(path / HF_DIR)
         processor.save_pretrained(path / HF_DIR)
     return str(path)
@@ -224,7 +228,12 @@ def load(engine: Any, directory: str) -> tuple[dict[str, Any], dict[str, Any] | 
     with weights_only_loads(directory):
         try:
             load_path, client_state = engine.load_checkpoint(
-                directory, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+                directory,
+                tag=DS_TAG,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=True,
+                # A trainable-only checkpoint lacks the frozen base, which the run has rebuilt.
+                load_module_strict=not meta.get("trainable_only", False),
             )
         except (OSError, RuntimeError, KeyError, EOFError) as exc:
             raise RuntimeError(f"checkpoint {directory} could not be read on rank {rank}: {exc}") from exc
@@ -268,7 +277,8 @@ def local_copy(uri: str, scratch: str | None = None) -> str:
 
 
 def consolidated_state_dict(directory: str) -> dict[str, torch.Tensor]:
-    """fp32 weights gathered from every rank's shard (or the plain module states for ZeRO-0)."""
+    """fp32 weights gathered from every rank's shard (or the plain module states for ZeRO-0); only the
+    trainable ones for a trainable-only (peft) checkpoint."""
     meta = read_meta(directory)
     with weights_only_loads(directory):
         if meta["zero_stage"] == 0:
@@ -276,4 +286,6 @@ def consolidated_state_dict(directory: str) -> dict[str, torch.Tensor]:
             return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return get_fp32_state_dict_from_zero_checkpoint(directory, tag=DS_TAG)
+        return get_fp32_state_dict_from_zero_checkpoint(
+            directory, tag=DS_TAG, exclude_frozen_parameters=meta.get("trainable_only", False)
+        )

@@ -18,9 +18,12 @@ TRAINING_FILE = "fmdist_training.json"
 """Written next to the export: the checkpoint's metadata (config, label set, eval metrics)."""
 
 
-def model_card(meta: dict[str, Any], metrics: dict[str, Any] | None) -> str:
+def model_card(meta: dict[str, Any], metrics: dict[str, Any] | None, adapter: bool = False) -> str:
     cfg = meta["config"]
     task = tasks.get(cfg["model"]["task"])
+    labels = (
+        f" ({cfg['model']['num_labels']} labels: {', '.join(cfg['model']['label_names'])})" if task.labelled else ""
+    )
     lines = [
         "---",
         "library_name: transformers",
@@ -30,12 +33,26 @@ def model_card(meta: dict[str, Any], metrics: dict[str, Any] | None) -> str:
         "",
         f"# {cfg['run']['name']}",
         "",
-        f"Fine-tuned with fmdist from `{cfg['model']['name_or_path']}` for {task.name} "
-        f"({cfg['model']['num_labels']} labels: {', '.join(cfg['model']['label_names'])}), {meta['step']} "
+        f"Trained with fmdist from `{cfg['model']['name_or_path']}` for {task.name}{labels}, {meta['step']} "
         f"optimizer steps on {meta['world_size']} worker(s), DeepSpeed ZeRO-{meta['zero_stage']}, "
         f"{cfg['deepspeed']['precision']}. Load it with `transformers.{task.export_class}` or "
         f'`pipeline("{task.pipeline_tag}", model=...)`.',
         "",
+    ]
+    peft, teacher = cfg.get("peft", {}), cfg.get("distill", {})
+    if peft.get("method", "none") != "none":
+        lines += [
+            f"Adapted with {peft['method']} (r {peft['r']}, alpha {peft['alpha']}, modules "
+            f"{peft['target_modules'] or 'peft default'}); {'the adapter alone' if adapter else 'merged into the base weights'}.",
+            "",
+        ]
+    if teacher.get("teacher"):
+        lines += [
+            f"Distilled from `{teacher['teacher']}` (alpha {teacher['alpha']}, temperature {teacher['temperature']}"
+            f"{', initialised from the teacher' if teacher.get('init_from_teacher') else ''}).",
+            "",
+        ]
+    lines += [
         "## Training data",
         "",
         f"- train: `{cfg['data']['train']}`",
@@ -65,8 +82,13 @@ def model_card(meta: dict[str, Any], metrics: dict[str, Any] | None) -> str:
     return "\n".join(lines)
 
 
-def export(run_or_checkpoint: str, out_dir: str) -> str:
-    """Write a Hugging Face model directory for the newest checkpoint of a run; returns `out_dir`."""
+def export(run_or_checkpoint: str, out_dir: str, adapter: bool = False) -> str:
+    """Write a Hugging Face model directory for the newest checkpoint of a run; returns `out_dir`.
+
+    A peft run is merged into its base weights (plain transformers loads it, no adapter keys), or with
+    `adapter` written as a peft adapter directory. Merging happens here, offline in one process, from
+    the consolidated adapter weights: merging under ZeRO-3 fails (peft#297).
+    """
     import transformers
 
     checkpoint_uri = find(run_or_checkpoint)
@@ -74,20 +96,46 @@ def export(run_or_checkpoint: str, out_dir: str) -> str:
         local = local_copy(checkpoint_uri, scratch)
         meta = read_meta(local)
         task = tasks.get(meta["config"]["model"]["task"])
-        auto_class = getattr(transformers, task.export_class)
-        hf_config = transformers.AutoConfig.from_pretrained(Path(local) / HF_DIR)
-        model = auto_class.from_config(hf_config)
         state = consolidated_state_dict(local)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        # Buffers that the model rebuilds itself (e.g. position ids) may be absent; weights may not.
-        missing = [k for k in missing if k in dict(model.named_parameters())]
-        if missing or unexpected:
-            raise RuntimeError(
-                f"checkpoint {checkpoint_uri} does not match its model config: missing {missing[:5]}, "
-                f"unexpected {unexpected[:5]}."
+        if meta.get("trainable_only"):
+            model = _from_adapter(meta, state, out_dir if adapter else None)
+        elif adapter:
+            raise ValueError(
+                f"--adapter: {checkpoint_uri} was not trained with peft (peft.method none); export it whole."
             )
-        model.save_pretrained(out_dir, safe_serialization=True)
+        else:
+            hf_config = transformers.AutoConfig.from_pretrained(Path(local) / HF_DIR)
+            model = getattr(transformers, task.export_class).from_config(hf_config)
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            # Buffers that the model rebuilds itself (e.g. position ids) may be absent; weights may not.
+            missing = [k for k in missing if k in dict(model.named_parameters())]
+            if missing or unexpected:
+                raise RuntimeError(
+                    f"checkpoint {checkpoint_uri} does not match its model config: missing {missing[:5]}, "
+                    f"unexpected {unexpected[:5]}."
+                )
+        if model is not None:
+            model.save_pretrained(out_dir, safe_serialization=True)
         task.load_processor(str(Path(local) / HF_DIR)).save_pretrained(out_dir)
-        Path(out_dir, "README.md").write_text(model_card(meta, meta.get("eval")))
+        Path(out_dir, "README.md").write_text(model_card(meta, meta.get("eval"), adapter))
         Path(out_dir, TRAINING_FILE).write_text(json.dumps({**meta, "checkpoint": checkpoint_uri}, indent=2))
     return out_dir
+
+
+def _from_adapter(meta: dict[str, Any], trainable: dict[str, Any], adapter_dir: str | None) -> Any:
+    """The merged model of a peft checkpoint (or None after writing the adapter to `adapter_dir`).
+
+    The frozen base is rebuilt exactly as training built it: the same config, seeded the same way.
+    """
+    import torch
+
+    from fmdist.config import from_dict
+    from fmdist.train import adapters
+
+    cfg = from_dict(meta["config"])
+    torch.manual_seed(cfg.train.seed)
+    base = tasks.get(cfg.model.task).build_model(cfg)
+    if adapter_dir is not None:
+        adapters.save_adapter(base, cfg, trainable, adapter_dir)
+        return None
+    return adapters.merged_model(base, cfg, trainable)

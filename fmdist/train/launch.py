@@ -20,7 +20,7 @@ import yaml
 from fmdist import tasks
 from fmdist.config import Config, ConfigError, freeze_labels, from_dict
 from fmdist.data.fs import aws_env, filesystem
-from fmdist.data.inputs import open_split, split_uris
+from fmdist.data.inputs import open_splits
 from fmdist.data.sources import Source, resolve
 from fmdist.data.stream import EpochStreams, eval_batches
 from fmdist.runtime import FAIL_AT_STEP_ENV, RECORD_ROWS_ENV, get_logger
@@ -110,12 +110,14 @@ def open_data(cfg: Config) -> dict[str, Source]:
         ConfigError: every column problem of every split at once, each naming the field and the fix.
         ValueError: a label outside the label set (naming the file and row), or an empty split.
     """
-    train_uri, eval_uri = split_uris(cfg.data.train, cfg.data.eval)
-    sources = {"train": open_split(train_uri, "data.train", cache_dir(cfg))}
-    if eval_uri is not None:
-        sources["eval"] = open_split(eval_uri, "data.eval", cache_dir(cfg))
-    freeze_labels(cfg, sources["train"].manifest.get("label_names"))
+    sources = open_splits(cfg.data.train, cfg.data.eval, cache_dir(cfg), cfg.data.eval_fraction, cfg.train.seed)
     task = tasks.get(cfg.model.task)
+    if task.labelled:
+        freeze_labels(cfg, sources["train"].manifest.get("label_names"))
+    if task.prepare_split is not None:
+        sources = {
+            split: task.prepare_split(cfg, source, f"data.{split}", cache_dir(cfg)) for split, source in sources.items()
+        }
     problems = []
     for split, source in sources.items():
         info = DataInfo(f"data.{split}", source.uri, source.manifest["schema"], source.manifest.get("label_names"))
@@ -231,11 +233,11 @@ def train(
             sources["train"].uri, shards, cfg.scaling.num_workers, cfg.scaling.num_workers - shards,
         )  # fmt: skip
     log.info(
-        "%s run %s: %s, %d training rows%s, labels %s; %d workers (%s), ZeRO-%d",
+        "%s run %s: %s, %d training rows%s%s; %d workers (%s), ZeRO-%d",
         "resuming" if resuming else "starting", run_dir_uri(cfg), cfg.model.task,
         sources["train"].manifest["total_rows"],
         f", {sources['eval'].manifest['total_rows']} eval rows" if "eval" in sources else "",
-        _short_list(cfg.model.label_names), cfg.scaling.num_workers, "GPU" if use_gpu else "CPU",
+        f", labels {_short_list(cfg.model.label_names)}" if cfg.model.label_names else "", cfg.scaling.num_workers, "GPU" if use_gpu else "CPU",
         cfg.deepspeed.zero_stage,
     )  # fmt: skip
 

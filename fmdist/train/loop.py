@@ -32,7 +32,7 @@ from fmdist.data.stream import steps_per_epoch, total_steps
 from fmdist.eval.metrics import flat_scalars
 from fmdist.runtime import FAIL_AT_STEP_ENV, get_logger
 from fmdist.tasks import Rows, Task
-from fmdist.train import checkpoint
+from fmdist.train import adapters, checkpoint, distill
 from fmdist.train.ds_config import build_ds_config
 
 _EPOCH_OVER = object()
@@ -135,6 +135,13 @@ def _joined(batches: Iterator[Rows | None], device: torch.device) -> Iterator[Ro
         yield None if rows is _EPOCH_OVER else rows
 
 
+def iter_seed(seed: int, rank: int, epoch: int, iter_in_epoch: int) -> int:
+    """The seed of a task's randomness (masked-lm's masking) for one micro-batch: a function of where the
+    run stands, so a resumed run draws exactly what the uninterrupted run would have."""
+    digest = hashlib.sha256(f"{seed}:{rank}:{epoch}:{iter_in_epoch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 def _fmt_duration(seconds: float) -> str:
     seconds = int(max(0, seconds))
     h, rem = divmod(seconds, 3600)
@@ -173,10 +180,11 @@ def evaluate(engine: Any, cfg: Config, task: Task, processor: Any, batches: Iter
     engine.eval()
     with torch.no_grad():
         for rows in _joined(iter(batches), device):
-            batch = model_inputs(task.collate(rows or placeholder, processor, cfg), device)
+            collated = task.collate(rows or placeholder, processor, cfg)
+            batch = model_inputs(collated, device)
             out = engine(**batch)
             if rows is not None:
-                task.count(counts, out, batch, cfg)
+                task.count(counts, out, {**collated, **batch}, cfg)
     # Collective: sum the counts over ranks (one all-reduce); every metric is derived from them.
     dist.all_reduce(counts)
     engine.train()
@@ -267,17 +275,31 @@ def fit(cfg: Config, io: LoopIO) -> dict[str, Any]:
     log = get_logger("fmdist.train", rank)
     _check_same_config_on_all_ranks(cfg, rank)
     task = tasks.get(cfg.model.task)
-    freeze_labels(cfg, None)  # a launcher has frozen them already; in-process callers may give num_labels only
+    if task.labelled:
+        freeze_labels(cfg, None)  # a launcher has frozen them already; in-process callers may give num_labels only
+    num_steps = total_steps(cfg, io.iters_per_epoch)
 
-    _seed_everything(cfg.train.seed)
     t0 = time.perf_counter()
-    model = task.build_model(cfg)
-    processor = task.load_processor(cfg.model.name_or_path)
+    teacher = None
+    if distill.enabled(cfg):
+        teacher = distill.load_teacher(distill.teacher_dir(cfg, io.scratch_dir), _auto_class(task))
+    _seed_everything(cfg.train.seed)  # after the teacher: the student's initial weights depend on the seed alone
+    if teacher is not None and cfg.distill.init_from_teacher:
+        model = distill.build_student(cfg, teacher)
+        copied = distill.init_from_teacher(model, teacher)
+        log.info("student initialised from the teacher: layers %s (%d tensors copied)", copied["from_layers"],
+                 copied["copied"])  # fmt: skip
+    else:
+        model = task.build_model(cfg)
+    processor = task.load_processor(cfg.model.tokenizer or cfg.model.name_or_path)
     if cfg.deepspeed.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if adapters.enabled(cfg):
+        model = adapters.apply(model, cfg, total_steps=num_steps)
+    trainable, total = adapters.parameter_counts(model)
+    log.info("parameters: %s trainable of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     timings["model_load_s"] = time.perf_counter() - t0
 
-    num_steps = total_steps(cfg, io.iters_per_epoch)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr)
     scheduler = get_scheduler(
         {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.train.lr_schedule],
@@ -298,6 +320,8 @@ def fit(cfg: Config, io: LoopIO) -> dict[str, Any]:
     # stays off until the first evaluation switches the mode back.
     engine.train()
     device = engine.device
+    if teacher is not None:
+        teacher.to(device)
 
     progress = Progress()
     restored: dict[str, Any] = {}  # reported with every event of this run
@@ -315,9 +339,10 @@ def fit(cfg: Config, io: LoopIO) -> dict[str, Any]:
             restored.update({"restore/weights_sum": checksum["sum"], "restore/weights_sum_sq": checksum["sum_sq"]})
     end_step = num_steps if io.stop_at_step is None else min(num_steps, io.stop_at_step)
     log.info(
-        "training %s (%s, %d labels) on %d worker(s): %d steps (%d per epoch), global batch %d = %d micro x %d "
+        "training %s (%s%s) on %d worker(s): %d steps (%d per epoch), global batch %d = %d micro x %d "
         "accumulation x %d workers, ZeRO-%d, %s, %d training rows",
-        cfg.model.name_or_path, task.name, cfg.model.num_labels, world_size, num_steps,
+        cfg.model.name_or_path, task.name, f", {cfg.model.num_labels} labels" if task.labelled else "", world_size,
+        num_steps,
         steps_per_epoch(io.iters_per_epoch(0), cfg.train.gradient_accumulation_steps), cfg.global_batch_size,
         cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps, world_size, cfg.deepspeed.zero_stage,
         cfg.deepspeed.precision, io.num_train_rows,
@@ -356,6 +381,19 @@ def fit(cfg: Config, io: LoopIO) -> dict[str, Any]:
             log.info("eval at step %d: %s", progress.step, describe(progress.eval_metrics))
         checkpoint_and_report(scalars, save)
 
+    def training_loss(engine: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The task's loss, or with a teacher the distillation loss (the teacher's forward is not trained)."""
+        if teacher is None:
+            return task.loss(engine(**batch), batch)
+        hidden = cfg.distill.hidden_mse_weight > 0
+        out = engine(**batch, output_hidden_states=hidden)
+        with torch.no_grad():
+            teacher_out = teacher(**batch, output_hidden_states=hidden)
+        return distill.distillation_loss(
+            out, teacher_out, batch["labels"], task.name, cfg.distill.alpha, cfg.distill.temperature,
+            cfg.distill.hidden_mse_weight, batch.get("attention_mask"), student_loss=task.loss(out, batch),
+        )  # fmt: skip
+
     # ---- training: epochs of micro-batches, an optimizer step every `accum` iters on every rank
     placeholder = task.placeholder(cfg)
     fail_at_step = int(os.environ.get(FAIL_AT_STEP_ENV, 0)) if io.restore_dir is None else None
@@ -381,17 +419,21 @@ def fit(cfg: Config, io: LoopIO) -> dict[str, Any]:
                 rows = None  # finish the pending accumulation with placeholders, so epochs end on a step
             # A rank out of data (or the epoch's last, partial accumulation) runs a zero-weight
             # placeholder so that every rank takes part in every collective and every step.
-            collated = task.collate(rows or placeholder, processor, cfg)
+            seed = iter_seed(cfg.train.seed, rank, progress.epoch, progress.iters_in_epoch)
+            collated = task.collate(rows or placeholder, processor, cfg, seed)
             batch = model_inputs(collated, device)
             if rows is None:
                 # Eval mode: the placeholder leaves no trace (no BatchNorm statistics, no dropout RNG draws).
                 engine.module.eval()
-                loss = task.loss(engine(**batch), batch) * 0.0
+                loss = training_loss(engine, batch) * 0.0
                 engine.module.train()
             else:
-                loss = task.loss(engine(**batch), batch)
+                loss = training_loss(engine, batch)
                 _add_to_window(window, loss, batch, collated)
             engine.backward(loss)
+            if (progress.iters_in_epoch + 1) % accum == 0:
+                # AdaLoRA's rank allocation reads this step's gradients, which engine.step() clears.
+                adapters.after_step(engine.module, progress.step + 1)
             engine.step()  # DeepSpeed applies the optimizer only at accumulation boundaries
             progress.iters_in_epoch += 1
             if progress.iters_in_epoch % accum:
@@ -449,6 +491,12 @@ def fit(cfg: Config, io: LoopIO) -> dict[str, Any]:
     # The final report carries the whole summary, so the driver has it wherever rank 0 ran.
     evaluate_and_report(True, last_train_loss, summary)
     return {"step": progress.step, "train/loss": last_train_loss, "eval": progress.eval_metrics, **summary}
+
+
+def _auto_class(task: Task) -> Any:
+    import transformers
+
+    return getattr(transformers, task.export_class)
 
 
 def _add_to_window(window: Window, loss: torch.Tensor, batch: dict[str, torch.Tensor], collated: dict) -> None:
