@@ -110,7 +110,13 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
         if not param.requires_grad:
             continue
         (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # An empty group is left out: DeepSpeed drops it, and the LR schedule would then have one LR too
+    # many (LoRA on GPT-2 trains only matrices). `decays` marks the group that takes train.weight_decay.
+    groups = [
+        {"params": decay, "weight_decay": weight_decay, "decays": True},
+        {"params": no_decay, "weight_decay": 0.0, "decays": False},
+    ]
+    return [g for g in groups if g["params"]]
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:
@@ -208,13 +214,16 @@ def apply_hyperparameters(engine: Any, scheduler: Any, cfg: Config, log: Any) ->
     continues at the restored step with the new peak LR.
     """
     groups = scheduler.optimizer.param_groups
-    old_lr, old_wd = scheduler.base_lrs[0], groups[0]["weight_decay"]
+    decaying = [g for g in groups if g.get("decays")]
+    old_lr = scheduler.base_lrs[0]
+    old_wd = decaying[0]["weight_decay"] if decaying else cfg.train.weight_decay
     if (old_lr, old_wd) == (cfg.train.lr, cfg.train.weight_decay):
         return
     scheduler.base_lrs = [cfg.train.lr] * len(groups)
     for group, lr_lambda in zip(groups, scheduler.lr_lambdas, strict=True):
         group["lr"] = cfg.train.lr * lr_lambda(scheduler.last_epoch)
-    groups[0]["weight_decay"] = cfg.train.weight_decay  # group 1 (biases, norms) never decays
+    for group in decaying:  # biases and norms never decay
+        group["weight_decay"] = cfg.train.weight_decay
     log.info(
         "hyperparameters differ from the checkpoint's: lr %.3g -> %.3g, weight_decay %.3g -> %.3g; "
         "the schedule continues from step %d",
