@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from fmdist import config
-from fmdist.config import ConfigError
+from fmdist.config import ConfigError, from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -139,3 +139,26 @@ def test_the_label_set_comes_from_the_config_or_the_manifest_and_must_agree(tmp_
         config.freeze_labels(config.load(write(tmp_path, {"data": {"train": "x"}})), None)
     with pytest.raises(ConfigError, match="has 2 names but model.num_labels is 3"):
         config.load(write(tmp_path, {"model": {"label_names": ["a", "b"], "num_labels": 3}, "data": {"train": "x"}}))
+
+
+def test_language_modelling_peft_and_distill_settings_are_checked_together():
+    with pytest.raises(ConfigError) as info:
+        from_dict(
+            {
+                "data": {"train": "x", "packing": True, "mlm_probability": 1.5},
+                "peft": {"method": "qlora", "r": 0},
+                "distill": {"alpha": 2.0, "init_from_teacher": True},
+            }
+        )
+    text = str(info.value)
+    for expected in (
+        "data.packing: packs text for language modelling",
+        "data.mlm_probability: must be in (0, 1)",
+        "peft.method: must be one of none, lora, adalora, ia3",
+        "peft.r: must be greater than 0",
+        "distill.alpha: must be in [0, 1]",
+        "distill.init_from_teacher: needs distill.teacher",
+    ):
+        assert expected in text, text
+    assert from_dict({"data": {"train": "x"}, "model": {"task": "causal-lm"}}).data.packing is True
+    assert from_dict({"data": {"train": "x"}, "model": {"task": "masked-lm"}}).data.packing is False
