@@ -52,7 +52,9 @@ def test_masked_lm_with_lora_under_zero3_exports_merged_and_scores_alike(tmp_pat
     rows = sentiment_rows(320, seed=7)
     train_dir = write_shards(tmp_path / "train", {"text": rows["sentence"], "label": rows["label"]}, rows_per_shard=40)
     eval_rows = sentiment_rows(45, seed=8)  # odd: ranks get 22 and 23 rows
-    eval_dir = write_shards(tmp_path / "eval", {"text": eval_rows["sentence"], "label": eval_rows["label"]}, rows_per_shard=45)
+    eval_dir = write_shards(
+        tmp_path / "eval", {"text": eval_rows["sentence"], "label": eval_rows["label"]}, rows_per_shard=45
+    )
     model = {k: v for k, v in TINY_MODEL.items() if k != "num_labels"}
     raw = {
         "model": {**model, "task": "masked-lm"},
