@@ -316,54 +316,49 @@ def _no_labels(cfg: Config, source: Any, field: str) -> None:
     """Language modelling learns from the text itself; there is no label set to check."""
 
 
-CAUSAL_LM = Task(
-    name="causal-lm",
-    input_column="text",
-    label_column="text",
-    check=check,
-    check_labels=_no_labels,
+def _placeholder(cfg: Config) -> Rows:
+    if cfg.data.packing:
+        return {cfg.data.text_column: [""], PACKED_COLUMN: [[0]], "chars": [0]}
+    return {cfg.data.text_column: [""]}
+
+
+def _task(name: str, causal: bool, **differs: Any) -> Task:
+    """The two LM tasks share everything but the model class, collate, export and predict; `causal`
+    decides whether labels are shifted in the loss and the counts."""
+    return Task(
+        name=name,
+        input_column="text",
+        label_column="text",
+        check=check,
+        check_labels=_no_labels,
+        load_processor=load_tokenizer,
+        placeholder=_placeholder,
+        counts_size=lambda cfg: len(COUNTS),
+        count=lambda counts, out, batch, cfg: _count(counts, out, batch, causal=causal),
+        finalize=finalize,
+        format_report=format_report,
+        loss=lambda out, batch: _loss(out, batch, causal=causal),
+        labelled=False,
+        prepare_split=prepare_split,
+        **differs,
+    )
+
+
+CAUSAL_LM = _task(
+    "causal-lm",
+    causal=True,
     build_model=build_causal,
-    load_processor=load_tokenizer,
     collate=collate_causal,
-    placeholder=lambda cfg: (
-        {cfg.data.text_column: [""], PACKED_COLUMN: [[0]], "chars": [0]}
-        if cfg.data.packing
-        else {cfg.data.text_column: [""]}
-    ),
-    counts_size=lambda cfg: len(COUNTS),
-    count=lambda counts, out, batch, cfg: _count(counts, out, batch, causal=True),
-    finalize=finalize,
-    format_report=format_report,
     export_class="AutoModelForCausalLM",
     pipeline_tag="text-generation",
     predict=predict_causal,
-    loss=lambda out, batch: _loss(out, batch, causal=True),
-    labelled=False,
-    prepare_split=prepare_split,
 )
-
-MASKED_LM = Task(
-    name="masked-lm",
-    input_column="text",
-    label_column="text",
-    check=check,
-    check_labels=_no_labels,
+MASKED_LM = _task(
+    "masked-lm",
+    causal=False,
     build_model=build_masked,
-    load_processor=load_tokenizer,
     collate=collate_masked,
-    placeholder=lambda cfg: (
-        {cfg.data.text_column: [""], PACKED_COLUMN: [[0]], "chars": [0]}
-        if cfg.data.packing
-        else {cfg.data.text_column: [""]}
-    ),
-    counts_size=lambda cfg: len(COUNTS),
-    count=lambda counts, out, batch, cfg: _count(counts, out, batch, causal=False),
-    finalize=finalize,
-    format_report=format_report,
     export_class="AutoModelForMaskedLM",
     pipeline_tag="fill-mask",
     predict=predict_masked,
-    loss=lambda out, batch: _loss(out, batch, causal=False),
-    labelled=False,
-    prepare_split=prepare_split,
 )
