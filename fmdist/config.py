@@ -586,10 +586,15 @@ def _fill_task_defaults(cfg: Config) -> None:
     cfg.data.text_column = cfg.data.text_column or task.input_column
     cfg.data.label_column = cfg.data.label_column or task.label_column
     if cfg.data.packing is None:
-        cfg.data.packing = cfg.model.task == "causal-lm"
+        cfg.data.packing = default_packing(cfg.model.task)
     if cfg.model.label_names is not None:
         cfg.model.label_names = [str(n) for n in cfg.model.label_names]
         cfg.model.num_labels = len(cfg.model.label_names)
+
+
+def default_packing(task: str) -> bool:
+    """`data.packing` when unset: on for causal-lm only (masked-lm trains on one padded row per text)."""
+    return task == "causal-lm"
 
 
 def freeze_labels(cfg: Config, manifest_label_names: list[str] | None) -> None:

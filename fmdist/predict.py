@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from fmdist import tasks
-from fmdist.config import Config, ModelConfig
+from fmdist.config import Config, ModelConfig, default_packing
 from fmdist.data.inputs import open_split
 from fmdist.data.sources import iter_tables
 from fmdist.tasks import DataInfo, Task
@@ -73,7 +73,7 @@ def evaluate(
     cfg.data.text_column = text_column or task.input_column
     cfg.data.label_column = label_column or task.label_column
     cfg.data.max_length = max_length
-    cfg.data.packing = task.name == "causal-lm"
+    cfg.data.packing = default_packing(task.name)
     source = open_split(data, "--data", EVAL_CACHE)
     if task.prepare_split is not None:
         source = task.prepare_split(cfg, source, "--data", EVAL_CACHE)
