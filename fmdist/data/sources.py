@@ -16,6 +16,7 @@ import fnmatch
 import hashlib
 import json
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -280,3 +281,42 @@ def check_labels(source: Source, label_column: str, num_labels: int, field: str)
                     f"[0, {num_labels}); fix the data or set model.num_labels."
                 )
             row += table.num_rows
+
+
+PROVENANCE_FILE = "provenance.json"
+"""Written into the run directory by `fmdist train`: where the data came from (see `provenance`)."""
+CHECKSUM_LIMIT_BYTES = 1 << 30
+"""Plain Parquet/Arrow files carry no checksums; fmdist hashes them for the record up to this total size."""
+
+
+def provenance(source: Source) -> dict[str, Any]:
+    """Where a split came from, for the model card: its URI, the inputs it was prepared from, rows, and each
+    shard's sha256 (from the manifest, or hashed here for plain files), plus the de-identification record.
+    """
+    manifest = source.manifest or {}
+    shards = []
+    files = dict.fromkeys(source.files)  # a plain Parquet file appears once per row group
+    sizes = {f: source.filesystem.get_file_info(f).size or 0 for f in files} if not source.prepared else {}
+    hash_plain = sum(sizes.values()) <= CHECKSUM_LIMIT_BYTES
+    if source.prepared:
+        shards = [{"path": s["path"], "rows": s["rows"], "sha256": s["sha256"]} for s in manifest["shards"]]
+    else:
+        rows: dict[str, int] = {}
+        for shard, path in zip(manifest.get("shards", []), source.files, strict=False):
+            rows[path] = rows.get(path, 0) + shard["rows"]
+        for path in files:
+            digest = "not computed (over 1 GiB: run fmdist prepare for checksummed shards)"
+            if hash_plain:
+                hasher = hashlib.sha256()
+                with source.filesystem.open_input_stream(path) as f:
+                    while chunk := f.read(1 << 22):
+                        hasher.update(chunk)
+                digest = hasher.hexdigest()
+            shards.append({"path": path.rsplit("/", 1)[-1], "rows": rows.get(path, 0), "sha256": digest})
+    return {
+        "uri": source.uri,
+        "sources": manifest.get("sources"),
+        "rows": manifest.get("total_rows"),
+        "shards": shards,
+        "deidentification": manifest.get("deidentification"),
+    }

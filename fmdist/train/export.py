@@ -12,74 +12,35 @@ from pathlib import Path
 from typing import Any
 
 from fmdist import tasks
+from fmdist.data.fs import filesystem
+from fmdist.data.sources import PROVENANCE_FILE
+from fmdist.eval import card
 from fmdist.train.checkpoint import HF_DIR, consolidated_state_dict, find, local_copy, read_meta
 
 TRAINING_FILE = "fmdist_training.json"
 """Written next to the export: the checkpoint's metadata (config, label set, eval metrics)."""
 
 
-def model_card(meta: dict[str, Any], metrics: dict[str, Any] | None, adapter: bool = False) -> str:
-    cfg = meta["config"]
-    task = tasks.get(cfg["model"]["task"])
-    labels = (
-        f" ({cfg['model']['num_labels']} labels: {', '.join(cfg['model']['label_names'])})" if task.labelled else ""
-    )
-    lines = [
-        "---",
-        "library_name: transformers",
-        f"pipeline_tag: {task.pipeline_tag}",
-        "tags: [fmdist, deepspeed]",
-        "---",
-        "",
-        f"# {cfg['run']['name']}",
-        "",
-        f"Trained with fmdist from `{cfg['model']['name_or_path']}` for {task.name}{labels}, {meta['step']} "
-        f"optimizer steps on {meta['world_size']} worker(s), DeepSpeed ZeRO-{meta['zero_stage']}, "
-        f"{cfg['deepspeed']['precision']}. Load it with `transformers.{task.export_class}` or "
-        f'`pipeline("{task.pipeline_tag}", model=...)`.',
-        "",
-    ]
-    peft, teacher = cfg.get("peft", {}), cfg.get("distill", {})
-    if peft.get("method", "none") != "none":
-        lines += [
-            f"Adapted with {peft['method']} (r {peft['r']}, alpha {peft['alpha']}, modules "
-            f"{peft['target_modules'] or 'peft default'}); {'the adapter alone' if adapter else 'merged into the base weights'}.",
-            "",
-        ]
-    if teacher.get("teacher"):
-        lines += [
-            f"Distilled from `{teacher['teacher']}` (alpha {teacher['alpha']}, temperature {teacher['temperature']}"
-            f"{', initialised from the teacher' if teacher.get('init_from_teacher') else ''}).",
-            "",
-        ]
-    lines += [
-        "## Training data",
-        "",
-        f"- train: `{cfg['data']['train']}`",
-        f"- eval: `{cfg['data']['eval']}`",
-        f"- input column `{cfg['data']['text_column']}`, label column `{cfg['data']['label_column']}`, "
-        f"max length {cfg['data']['max_length']}",
-        "",
-        "## Hyperparameters",
-        "",
-        "| setting | value |",
-        "|---|---|",
-    ]
-    for key, value in cfg["train"].items():
-        lines.append(f"| train.{key} | {value} |")
-    lines += ["", "## Evaluation", ""]
-    if metrics:
-        lines += ["```", task.format_report(metrics), "```"]
-    else:
-        lines.append("No evaluation split was configured.")
-    lines += [
-        "",
-        "## Limitations",
-        "",
-        "Metrics above are on the configured eval split only; check per-group fairness and robustness before shipping.",
-        "",
-    ]
-    return "\n".join(lines)
+def run_records(checkpoint_uri: str) -> dict[str, Any]:
+    """What the run directory adds to a checkpoint's record: the data provenance and the compute.
+
+    Both are written by `fmdist train` next to the checkpoints (provenance.json at the start, metrics.json
+    at the end); a checkpoint copied out of its run, or a run still going, lacks one or both.
+    """
+    fs, path = filesystem(checkpoint_uri.rsplit("/", 1)[0])
+    out: dict[str, Any] = {}
+    for name in (PROVENANCE_FILE, "metrics.json"):
+        try:
+            with fs.open_input_stream(f"{path}/{name}") as f:
+                out[name] = json.loads(f.read())
+        except (FileNotFoundError, OSError):
+            continue
+    provenance = out.get(PROVENANCE_FILE) or {}
+    metrics = out.get("metrics.json") or {}
+    return {
+        "provenance": {k: v for k, v in provenance.items() if k in ("train", "eval")},
+        "compute": {"hardware": provenance.get("hardware"), "train_time_s": metrics.get("train/time_s")},
+    }
 
 
 def export(run_or_checkpoint: str, out_dir: str, adapter: bool = False) -> str:
@@ -115,10 +76,14 @@ def export(run_or_checkpoint: str, out_dir: str, adapter: bool = False) -> str:
                     f"unexpected {unexpected[:5]}."
                 )
         if model is not None:
+            # transformers 5 writes only on rank 0 once torch.distributed is up, but an export is this
+            # process's own file write: every worker that distils exports its teacher into its own scratch.
+            model.should_save_on_this_rank = lambda is_main_process: is_main_process
             model.save_pretrained(out_dir, safe_serialization=True)
         task.load_processor(str(Path(local) / HF_DIR)).save_pretrained(out_dir)
-        Path(out_dir, "README.md").write_text(model_card(meta, meta.get("eval"), adapter))
-        Path(out_dir, TRAINING_FILE).write_text(json.dumps({**meta, "checkpoint": checkpoint_uri}, indent=2))
+        meta = {**meta, **run_records(checkpoint_uri), "checkpoint": checkpoint_uri}
+        Path(out_dir, "README.md").write_text(card.render(meta, adapter=adapter))
+        Path(out_dir, TRAINING_FILE).write_text(json.dumps(meta, indent=2))
     return out_dir
 
 

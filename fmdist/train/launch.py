@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from fmdist import tasks
 from fmdist.config import Config, ConfigError, freeze_labels, from_dict
 from fmdist.data.fs import aws_env, filesystem
 from fmdist.data.inputs import open_splits
-from fmdist.data.sources import Source, resolve
+from fmdist.data.sources import PROVENANCE_FILE, Source, provenance, resolve
 from fmdist.data.stream import EpochStreams, eval_batches
 from fmdist.runtime import FAIL_AT_STEP_ENV, RECORD_ROWS_ENV, get_logger
 from fmdist.tasks import DataInfo
@@ -196,12 +197,29 @@ def _train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         stop_at_step=loop_config["stop_at_step"],
         fingerprint_restore=from_elsewhere,
     )
-    if checkpoint is None:
-        fit(cfg, io)
-    else:
-        with checkpoint.as_directory() as restore_dir:
-            io.restore_dir = restore_dir
+    try:
+        if checkpoint is None:
             fit(cfg, io)
+        else:
+            with checkpoint.as_directory() as restore_dir:
+                io.restore_dir = restore_dir
+                fit(cfg, io)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)  # reported checkpoints were moved out; the rest is spent
+
+
+def hardware(cfg: Config, use_gpu: bool) -> str:
+    """The workers' hardware in words, for the model card (the driver's view: one node type assumed)."""
+    import platform
+
+    import torch
+
+    if use_gpu:  # the driver may sit on a CPU-only head node: then the GPU's name is unknown here
+        name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "GPU"
+        device = f"{cfg.scaling.gpus_per_worker:g} x {name} per worker"
+    else:
+        device = f"{cfg.scaling.cpus_per_worker:g} CPU(s) per worker, {platform.processor() or platform.machine()}"
+    return f"{cfg.scaling.num_workers} worker(s), {device}"
 
 
 def _short_list(names: list[str], limit: int = 8) -> str:
@@ -242,6 +260,9 @@ def train(
     )  # fmt: skip
 
     write_run_file(cfg, "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    record = {split: provenance(source) for split, source in sources.items()}
+    record["hardware"] = hardware(cfg, use_gpu)
+    write_run_file(cfg, PROVENANCE_FILE, json.dumps(record, indent=2, default=str))
     env_vars = aws_env() | ({} if use_gpu else {"DS_ACCELERATOR": "cpu"})
     for drill in (FAIL_AT_STEP_ENV, RECORD_ROWS_ENV):
         if drill in os.environ:

@@ -6,10 +6,13 @@ World size: 2 Ray Train workers unless a test says otherwise. The module shares 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -96,7 +99,18 @@ def test_export_of_zero3_gives_the_trained_models_predictions(zero3_run, module_
     out = module_tmp / "export-zero3"
     export(zero3_run["summary"]["run_dir"], str(out))
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
-    assert "ZeRO-3" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "ZeRO-3" in card
+    # The card's provenance: every training file with its rows and sha256, and the compute spent.
+    record = json.loads((out / "fmdist_training.json").read_text())
+    train_files = sorted(Path(zero3_run["raw"]["data"]["train"]).glob("*.parquet"))
+    shards = {s["path"]: s for s in record["provenance"]["train"]["shards"]}
+    assert sorted(shards) == [f.name for f in train_files]
+    for f in train_files:
+        assert shards[f.name]["sha256"] == hashlib.sha256(f.read_bytes()).hexdigest()
+        assert shards[f.name]["rows"] == pq.ParquetFile(f).metadata.num_rows
+    assert f"sha256 `{shards[train_files[0].name]['sha256']}`" in card
+    assert record["compute"]["train_time_s"] > 0 and "worker-seconds" in card
     # Plain transformers, on the same eval rows: identical confusion matrix, loss equal to fp32 precision.
     trained = zero3_run["summary"]["eval"]
     exported = evaluate(str(out), zero3_run["raw"]["data"]["eval"])
@@ -162,3 +176,13 @@ def test_relaunch_resumes_and_a_broken_checkpoint_is_an_error(zero3_run, module_
     shutil.move(Path(summary["run_dir"]) / "checkpoint_manager_snapshot.json", module_tmp / "snapshot.json")
     with pytest.raises(RuntimeError, match="no checkpoint_manager_snapshot.json"):
         run(raw)
+
+
+def test_distilling_from_a_run_directory_on_two_workers(zero3_run, sentiment_data, module_tmp):
+    """Each worker exports the teacher run into its own scratch (transformers 5 would write it on rank 0
+    only, and rank 1 then found no config.json), and the student initialised from it keeps its accuracy."""
+    raw = _raw(sentiment_data, module_tmp, "distilled")
+    raw["distill"] = {"teacher": zero3_run["summary"]["run_dir"], "alpha": 0.5, "init_from_teacher": True}
+    summary = run(raw)
+    assert summary["step"] == 40 and summary["eval"]["num_examples"] == 64
+    assert summary["eval/accuracy"] >= zero3_run["summary"]["eval/accuracy"] - 0.05, summary["eval/accuracy"]
