@@ -6,7 +6,12 @@ A checkpoint directory holds:
   stream position (its shuffle windows as Arrow tables), never pickles, so loading cannot run code;
 - `fmdist_state.json` (rank 0): step, epoch, world size, ZeRO stage, the effective config (with its
   frozen label set) and the eval metrics;
-- `hf/` (rank 0): the model config and the processor (tokenizer or image processor), for export.
+- `hf/` (rank 0): the model config and the processor (tokenizer or image processor), for export;
+- `manifest_rank{r}.json`: the size and sha256 of every file rank r wrote, written last.
+
+A checkpoint counts only when complete: every rank's manifest is there and every file it lists
+matches (`problems`). Ray uploads a checkpoint's files in no set order, so no single file written
+last can say that the rest arrived.
 
 A checkpoint must not be able to run code: every torch file in it is read inside
 `weights_only_loads`, DeepSpeed's own loads included (see there).
@@ -17,6 +22,7 @@ Every function takes what it needs as arguments; nothing here knows about Ray or
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import pickle
@@ -34,11 +40,15 @@ import torch
 import torch.distributed as dist
 
 from fmdist.data.fs import filesystem
+from fmdist.runtime import get_logger
 
 DS_TAG = "ds"
 STATE_FILE = "fmdist_state.json"
 HF_DIR = "hf"
 CHECKPOINT_PREFIX = "checkpoint_step_"
+MANIFEST_PREFIX = "manifest_rank"
+
+log = get_logger("fmdist")
 FORCE_WEIGHTS_ONLY_ENV = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 _FORCE_NO_WEIGHTS_ONLY_ENV = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
 
@@ -199,7 +209,79 @@ def save(
         (path / STATE_FILE).write_text(json.dumps(record, indent=2, default=str))
         engine.module.config.save_pretrained(path / HF_DIR)
         processor.save_pretrained(path / HF_DIR)
+    dist.barrier()  # where ranks share a directory (one node, one scratch), every file is written now
+    write_manifest(path, rank)
     return str(path)
+
+
+def _sha256(stream: Any) -> str:
+    digest = hashlib.sha256()
+    while chunk := stream.read(8 << 20):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path, rank: int) -> None:
+    """`manifest_rank{rank}.json`: size and sha256 of every file in `directory` (other manifests aside)."""
+    files = {}
+    for file in sorted(directory.rglob("*")):
+        if file.is_file() and not file.name.startswith(MANIFEST_PREFIX):
+            with file.open("rb") as f:
+                files[file.relative_to(directory).as_posix()] = {"size": file.stat().st_size, "sha256": _sha256(f)}
+    partial = directory / f".{MANIFEST_PREFIX}{rank}.json.tmp"
+    partial.write_text(json.dumps({"rank": rank, "files": files}, indent=1))
+    partial.rename(directory / f"{MANIFEST_PREFIX}{rank}.json")
+
+
+def problems(checkpoint_uri: str, ranks: list[int] | None = None, deep: bool = False) -> list[str]:
+    """Why the checkpoint at `checkpoint_uri` (local or s3://) is incomplete or damaged; empty when it
+    is whole. Checks sizes; `deep` also checks sha256 (reads every file). `ranks` limits the files
+    checked to those ranks' manifests (each rank reads its own files and rank 0's); every rank's
+    manifest must exist regardless.
+    """
+    fs, path = filesystem(checkpoint_uri)
+    state_info = fs.get_file_info(f"{path}/{STATE_FILE}")
+    if state_info.type != pafs.FileType.File:
+        return [f"{STATE_FILE} is missing"]
+    with fs.open_input_stream(f"{path}/{STATE_FILE}") as f:
+        try:
+            world_size = int(json.loads(f.read())["world_size"])
+        except (ValueError, KeyError) as exc:
+            return [f"{STATE_FILE} is unreadable ({exc})"]
+    found: list[str] = []
+    for rank in range(world_size):
+        name = f"{MANIFEST_PREFIX}{rank}.json"
+        if fs.get_file_info(f"{path}/{name}").type != pafs.FileType.File:
+            found.append(f"{name} is missing (rank {rank} did not finish saving)")
+            continue
+        if ranks is not None and rank not in ranks:
+            continue
+        with fs.open_input_stream(f"{path}/{name}") as f:
+            listed = json.loads(f.read())["files"]
+        infos = fs.get_file_info([f"{path}/{relative}" for relative in listed])
+        for (relative, expected), info in zip(listed.items(), infos, strict=True):
+            if info.type != pafs.FileType.File:
+                found.append(f"{relative} is missing (listed in {name})")
+            elif info.size != expected["size"]:
+                found.append(f"{relative} has {info.size} bytes, {name} says {expected['size']}")
+            elif deep:
+                with fs.open_input_stream(f"{path}/{relative}") as f:
+                    if _sha256(f) != expected["sha256"]:
+                        found.append(f"{relative} does not match its sha256 in {name}")
+    return found
+
+
+def newest_complete(run_uri: str, names: list[str]) -> tuple[str | None, list[str]]:
+    """The newest whole checkpoint among `names` (directories in `run_uri`), and a line for each newer
+    one passed over with what is wrong with it."""
+    skipped = []
+    for name in sorted(names, reverse=True):
+        uri = f"{run_uri.rstrip('/')}/{name}"
+        wrong = problems(uri)
+        if not wrong:
+            return uri, skipped
+        skipped.append(f"{uri}: {'; '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}")
+    return None, skipped
 
 
 def read_meta(directory: str) -> dict[str, Any]:
@@ -219,6 +301,16 @@ def load(engine: Any, directory: str) -> tuple[dict[str, Any], dict[str, Any] | 
     """
     rank, world_size = dist.get_rank(), dist.get_world_size()
     meta = read_meta(directory)
+    # Each rank checks the files it reads (its own and rank 0's); all learn of any problem, so no rank
+    # goes on into DeepSpeed's collective load alone.
+    found: list[list[str]] = [[] for _ in range(world_size)]
+    dist.all_gather_object(found, problems(directory, ranks=sorted({0, rank}), deep=True))
+    wrong = sorted({line for lines in found for line in lines})
+    if wrong:
+        raise RuntimeError(
+            f"checkpoint {directory} is incomplete or damaged: {'; '.join(wrong)}. Delete it to resume "
+            "from the previous complete one."
+        )
     if meta["world_size"] != world_size:
         raise RuntimeError(
             f"checkpoint {directory} was written by {meta['world_size']} worker(s) but this run has {world_size}; "
@@ -263,7 +355,15 @@ def find(run_or_checkpoint: str) -> str:
             f"{run_or_checkpoint!r} has no {CHECKPOINT_PREFIX}* directories and no {STATE_FILE}; "
             "pass a run directory (run.storage_path/run.name) or one of its checkpoints."
         )
-    return f"{run_or_checkpoint.rstrip('/')}/{checkpoints[-1]}"
+    newest, skipped = newest_complete(run_or_checkpoint, checkpoints)
+    for line in skipped:
+        log.warning("passing over an incomplete checkpoint: %s", line)
+    if newest is None:
+        raise RuntimeError(
+            f"{run_or_checkpoint!r} has no complete checkpoint: " + " | ".join(skipped) + ". Train again, or "
+            "restore the missing files."
+        )
+    return newest
 
 
 def local_copy(uri: str, scratch: str | None = None) -> str:

@@ -26,6 +26,7 @@ from fmdist.data.sources import PROVENANCE_FILE, Source, provenance, resolve
 from fmdist.data.stream import EpochStreams, eval_batches
 from fmdist.runtime import FAIL_AT_STEP_ENV, RECORD_ROWS_ENV, get_logger
 from fmdist.tasks import DataInfo
+from fmdist.train import checkpoint
 
 log = get_logger("fmdist")
 
@@ -45,22 +46,32 @@ def write_run_file(cfg: Config, name: str, text: str) -> str:
     return f"{run_dir_uri(cfg)}/{name}"
 
 
-def check_resumable(cfg: Config) -> bool:
-    """True when the run directory already has checkpoints (the launch resumes).
+def resume_point(cfg: Config) -> tuple[bool, str | None]:
+    """Where a launch starts: (True, None) when Ray Train resumes from its snapshot of the run's
+    checkpoints; (False, checkpoint URI) when the run directory has checkpoints but no snapshot;
+    (False, None) for a fresh start.
 
-    Ray Train resumes from its snapshot file; checkpoints without one would make it start again from
-    step 0, silently. That is refused here with the fix instead.
+    Without a snapshot Ray Train would start again from step 0, silently. That happens when the
+    driver was stopped after a worker uploaded a checkpoint but before Ray recorded it (a Tune trial
+    interrupted mid-save), or when the snapshot was lost. The newest complete checkpoint is resumed
+    from instead, announced; newer incomplete ones are named and passed over.
     """
     fs, path = filesystem(run_dir_uri(cfg))
     infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    checkpoints = [i.base_name for i in infos if i.base_name.startswith("checkpoint_")]
-    has_snapshot = any(i.base_name == SNAPSHOT_FILE for i in infos)
-    if checkpoints and not has_snapshot:
-        raise RuntimeError(
-            f"run directory {run_dir_uri(cfg)} has checkpoints ({', '.join(sorted(checkpoints))}) but no {SNAPSHOT_FILE}, "
-            "so it cannot be resumed safely. Restore that file, or choose a new run.name to start afresh."
-        )
-    return has_snapshot
+    if any(i.base_name == SNAPSHOT_FILE for i in infos):
+        return True, None
+    names = [i.base_name for i in infos if i.base_name.startswith(checkpoint.CHECKPOINT_PREFIX)]
+    if not names:
+        return False, None
+    newest, skipped = checkpoint.newest_complete(run_dir_uri(cfg), names)
+    for line in skipped:
+        log.warning("passing over an incomplete checkpoint (the run stopped while saving it): %s", line)
+    if newest is None:
+        log.warning("run directory %s has no complete checkpoint, so this run starts from step 0", run_dir_uri(cfg))
+    else:
+        log.warning("run directory %s has no %s (Ray stopped before recording its last checkpoint); resuming "
+                    "from the newest complete one, %s", run_dir_uri(cfg), SNAPSHOT_FILE, newest)  # fmt: skip
+    return False, newest
 
 
 def ensure_ray(cfg: Config, trials_at_once: int = 1) -> float:
@@ -241,7 +252,8 @@ def train(
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    resuming = check_resumable(cfg)
+    resuming, own_checkpoint = resume_point(cfg)
+    restore_from = own_checkpoint or restore_from
     use_gpu = resolve_use_gpu(cfg)
     shards = len(sources["train"].manifest["shards"])
     if shards < cfg.scaling.num_workers:

@@ -160,7 +160,7 @@ def leaderboard(results: Any, cfg: Config) -> list[dict[str, Any]]:
             {
                 "trial": metrics.get("trial_id") or os.path.basename(result.path),
                 "status": "ERROR" if result.error else "DONE",
-                "error": str(result.error).splitlines()[0][:300] if result.error else "",
+                "error": error_line(result.error) if result.error else "",
                 "best_metric": best,
                 "final_metric": values[-1] if values else None,
                 "steps": metrics.get("step"),
@@ -180,6 +180,13 @@ def leaderboard(results: Any, cfg: Config) -> list[dict[str, Any]]:
         )
     rows.sort(key=lambda r: (r["best_metric"] is None, -sign * (r["best_metric"] or 0)))
     return rows
+
+
+def error_line(error: BaseException) -> str:
+    """The cause of a trial's error in one line: the traceback's last line (the first names only the
+    Ray actor that raised it)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(error).__name__)[:300]
 
 
 def plot(rows: list[dict[str, Any]], metric: str, max_steps: int, path: str) -> None:

@@ -16,7 +16,15 @@ import torch
 
 from fmdist.config import from_dict
 from fmdist.data.sources import resolve
-from fmdist.train.checkpoint import DS_TAG, STATE_FILE, consolidated_state_dict, weights_only_loads
+from fmdist.train.checkpoint import (
+    DS_TAG,
+    STATE_FILE,
+    consolidated_state_dict,
+    find,
+    problems,
+    weights_only_loads,
+    write_manifest,
+)
 from fmdist.train.export import export
 from tests.conftest import TINY_MODEL, sentiment_rows, write_shards
 from tests.inprocess import run_in_process
@@ -77,6 +85,7 @@ def _plant(checkpoint: str, into: Path, file: str) -> Path:
     target = into / DS_TAG / file
     states = torch.load(target, weights_only=False)  # our own file, written by the run above
     torch.save({**states, "planted": Planted(marker)}, target)
+    write_manifest(into, rank=0)  # whoever can plant a file can rewrite the manifest too
     return marker
 
 
@@ -153,7 +162,7 @@ def test_a_missing_per_rank_file_is_an_error_not_a_replay(runs, tmp_path, remove
     shutil.copytree(runs(2, "paused"), broken)
     (broken / remove).unlink()
     write_shards(tmp_path / "shards", sentiment_rows(32, seed=5), rows_per_shard=16)
-    with pytest.raises(RuntimeError, match=rf"broken is missing {re.escape(remove)}; it is incomplete"):
+    with pytest.raises(RuntimeError, match=rf"broken is incomplete or damaged: {re.escape(remove)} is missing"):
         _run(tmp_path, "again", 2, restore=str(broken))
 
 
@@ -163,6 +172,63 @@ def test_a_resume_on_another_worker_count_is_refused(runs, tmp_path):
     shutil.copytree(runs(2, "paused"), other)
     meta = json.loads((other / STATE_FILE).read_text())
     (other / STATE_FILE).write_text(json.dumps({**meta, "world_size": 2}))
+    shutil.copy(other / "manifest_rank0.json", other / "manifest_rank1.json")  # as if rank 1 had saved too
+    write_manifest(other, rank=0)
     write_shards(tmp_path / "shards", sentiment_rows(32, seed=5), rows_per_shard=16)
     with pytest.raises(RuntimeError, match=r"written by 2 worker\(s\) but this run has 1.*scaling.num_workers=2"):
         _run(tmp_path, "again", 2, restore=str(other))
+
+
+def _tear(checkpoint: Path, how: str) -> str:
+    """Damage `checkpoint` as a kill mid-upload or a bad disk would; returns the file's name."""
+    name = f"{DS_TAG}/mp_rank_00_model_states.pt"
+    target = checkpoint / name
+    data = bytearray(target.read_bytes())
+    if how == "truncated":
+        target.write_bytes(data[: len(data) // 2])
+    elif how == "flipped":
+        data[len(data) // 2] ^= 0xFF
+        target.write_bytes(data)
+    else:  # no manifest: the rank was killed before it finished saving
+        (checkpoint / "manifest_rank0.json").unlink()
+        return "manifest_rank0.json"
+    return name
+
+
+@pytest.mark.parametrize("how", ["truncated", "flipped", "unfinished"])
+def test_a_torn_checkpoint_is_named_and_never_loaded(runs, tmp_path, how):
+    """Sizes and sha256 against each rank's manifest: resuming from a damaged checkpoint is an error
+    naming the file, and export passes over it to the previous complete one, announced."""
+    run_dir = tmp_path / "run"
+    older, newer = run_dir / "checkpoint_step_00000002", run_dir / "checkpoint_step_00000004"
+    shutil.copytree(runs(2, "paused"), older)
+    shutil.copytree(runs(2, "whole"), newer)
+    assert problems(str(newer), deep=True) == []
+    name = _tear(newer, how)
+    assert any(name in line for line in problems(str(newer), deep=True))
+    assert (how == "flipped") == (problems(str(newer)) == [])  # a same-size change needs the sha256
+    write_shards(tmp_path / "shards", sentiment_rows(32, seed=5), rows_per_shard=16)
+    with pytest.raises(RuntimeError, match=rf"checkpoint_step_00000004 is incomplete or damaged: .*{re.escape(name)}"):
+        _run(tmp_path, "again", 2, restore=str(newer))
+    if how != "flipped":
+        assert find(str(run_dir)) == str(older)
+
+
+def test_a_run_without_rays_record_resumes_from_its_newest_complete_checkpoint(runs, tmp_path):
+    """A driver stopped between a worker's upload and Ray's record of it leaves checkpoints and no
+    snapshot: the launch resumes from the newest complete one (never step 0), passing over torn ones."""
+    from fmdist.train.launch import SNAPSHOT_FILE, resume_point
+
+    cfg = from_dict({**_raw(2), "run": {"name": "run", "storage_path": str(tmp_path)}})
+    run_dir = tmp_path / "run"
+    assert resume_point(cfg) == (False, None)
+    older, newer = run_dir / "checkpoint_step_00000002", run_dir / "checkpoint_step_00000004"
+    shutil.copytree(runs(2, "paused"), older)
+    shutil.copytree(runs(2, "whole"), newer)
+    assert resume_point(cfg) == (False, str(newer))
+    _tear(newer, "truncated")
+    assert resume_point(cfg) == (False, str(older))
+    _tear(older, "unfinished")
+    assert resume_point(cfg) == (False, None)
+    (run_dir / SNAPSHOT_FILE).write_text("{}")  # Ray Train's own record wins: it resumes itself
+    assert resume_point(cfg) == (True, None)

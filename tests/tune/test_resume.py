@@ -82,7 +82,7 @@ def test_resume_after_interrupt_runs_only_unfinished_trials(sentiment_data, tmp_
 
     summary = tune_run(from_dict(raw), resume=True)
     rows = {r["trial"]: r for r in summary["leaderboard"]}
-    assert len(rows) == 3 and all(r["status"] == "DONE" and r["steps"] == 10 for r in rows.values())
+    assert len(rows) == 3 and all(r["status"] == "DONE" and r["steps"] == 10 for r in rows.values()), rows
     for trial, (mtime, metrics) in snapshot.items():
         assert before[trial].stat().st_mtime_ns == mtime  # not trained again
         assert rows[trial]["final_metric"] == pytest.approx(metrics["eval/loss"], rel=1e-9)
