@@ -15,7 +15,7 @@ import hashlib
 import io
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
 from fmdist import __version__
-from fmdist.data.deid import Redactor
+from fmdist.data.deid import Redactor, entity_types
 from fmdist.data.fs import filesystem
 from fmdist.data.sources import MANIFEST
 
@@ -300,16 +300,16 @@ def read_input(uri: str, fmt: str | None = None) -> Iterator[Columns]:
 
 
 def redact_columns(columns: Columns, redactor: Redactor) -> Columns:
-    """Redact every text value; lists of tokens are redacted token by token, so alignment is kept.
+    """Redact every text value; lists of tokens are redacted one for one, so alignment with tags is kept.
 
-    Binary values (encoded images) and numbers are left as they are.
+    Binary values (encoded images) and numbers are left as they are; so are tag columns (`tags`, `*_tags`).
     """
     out: Columns = {}
     for name, values in columns.items():
         if values and all(isinstance(v, str) or v is None for v in values):
-            out[name] = [redactor.redact(v) if v else v for v in values]
+            out[name] = redactor.redact_many(values)
         elif values and all(isinstance(v, list) for v in values) and name != "tags" and not name.endswith("_tags"):
-            out[name] = [[redactor.redact(t) if isinstance(t, str) else t for t in v] for v in values]
+            out[name] = redactor.redact_tokens(values)
         else:
             out[name] = values
     return out
@@ -426,6 +426,7 @@ def prepare(
     output: str,
     *,
     redact: bool = False,
+    redact_entities: str | Sequence[str] = (),
     output_format: str = "parquet",
     rows_per_shard: int = 10_000,
     eval_fraction: float = 0.0,
@@ -446,6 +447,10 @@ def prepare(
     Plain text is read a paragraph per row with its newlines, and its eval split is the contiguous tail
     of each file. `train_tokenizer="bpe"` trains a byte-level BPE of `vocab_size` on the train split's
     `text_column` and writes it to `output`/tokenizer (for `model.tokenizer`).
+
+    `redact` replaces e-mails, URLs, IPs, card and phone numbers, and the named entities of
+    `redact_entities` (PERSON, LOCATION, ORGANIZATION; detected with `fmdist[pii]`, and recorded as not
+    covered without it). `fmdist prepare --redact` asks for PERSON unless told otherwise.
     """
     if train_tokenizer not in (None, "bpe"):
         raise ValueError(f"--train-tokenizer {train_tokenizer!r}: only bpe is supported.")
@@ -455,6 +460,9 @@ def prepare(
         raise ValueError(f"--rows-per-shard {rows_per_shard}: must be greater than 0.")
     if not 0 <= eval_fraction < 1:
         raise ValueError(f"--eval-fraction {eval_fraction}: must be in [0, 1).")
+    entities = entity_types(redact_entities)
+    if entities and not redact:
+        raise ValueError(f"--redact-entities {','.join(entities)} applies only with --redact; add --redact.")
     # Every input is checked, and image folders listed, before anything is written.
     kinds = {uri: input_kind(uri, input_format) for uri in inputs}
     folders = {uri: scan_image_folder(uri) for uri, kind in kinds.items() if kind == IMAGE_FOLDER}
@@ -473,7 +481,7 @@ def prepare(
     for split in splits:
         fs.create_dir(f"{root}/{split}", recursive=True)
         writers[split] = ShardWriter(fs, f"{root}/{split}", output_format, rows_per_shard)
-    redactor = Redactor() if redact else None
+    redactor = Redactor(entities=entities) if redact else None
     rng = random.Random(seed)
     next_row_id = 0
     for uri in inputs:
