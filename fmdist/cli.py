@@ -46,6 +46,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     use_cpu_accelerator_if_no_gpu()
     summary = train(cfg)
     _print_summary(summary, cfg.model.task)
+    if cfg.report.enabled:
+        from fmdist.eval.report import after_training
+
+        report = after_training(cfg, summary["run_dir"])
+        _print_report_summary(report, cfg.report.output or f"{summary['run_dir']}/report")
     return 0
 
 
@@ -77,6 +82,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from fmdist.train.export import export
 
     out = export(args.run, args.out_dir, adapter=args.adapter)
+    if args.card:
+        from fmdist.eval.report import copy_card
+
+        print(f"copied the report's model card into {out}: {', '.join(copy_card(args.card, out))}")
     if args.adapter:
         print(f"exported a peft adapter to {out} (load it with peft.PeftModel.from_pretrained(base_model, {out!r}))")
         return 0
@@ -158,6 +167,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         inputs,
         output,
         redact=args.redact,
+        redact_entities=args.redact_entities or ("PERSON" if args.redact else "none"),
         output_format=args.format,
         rows_per_shard=args.rows_per_shard,
         eval_fraction=args.eval_fraction,
@@ -179,8 +189,84 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     deid = manifests["train"]["deidentification"]
     if deid["enabled"]:
         print("replaced: " + ", ".join(f"{k} {v}" for k, v in deid["replaced"].items()))
-        print("not covered: " + "; ".join(deid["not_covered"]))
+        ner = f" (spaCy model {deid['ner']['spacy_model']} {deid['ner']['spacy_model_version']})" if deid["ner"] else ""
+        print("detectors: " + ", ".join(deid["detectors"]) + ner)
+        if deid["not_covered"]:
+            print("not covered: " + "; ".join(deid["not_covered"]))
     return 0
+
+
+REPORT_FLAGS = {
+    "text_column": "text_column",
+    "label_column": "label_column",
+    "group_column": "group_column",
+    "identity_category": "identity_category",
+    "positive_label": "positive_label",
+    "probes": "probes",
+    "functional": "functional",
+    "n_boot": "n_boot",
+    "seed": "seed",
+    "explain": "explain",
+    "max_rows": "max_rows",
+    "intended_use": "intended_use",
+}
+"""`fmdist report` flags (argparse names) -> the `report:` keys they set over --config."""
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    import yaml
+
+    from fmdist.config import report_settings
+    from fmdist.eval.report import run_report
+
+    raw: dict = {}
+    if args.config:
+        raw = yaml.safe_load(Path(args.config).read_text()) or {}
+        raw = raw.get("report", raw) if isinstance(raw, dict) else raw
+    raw = dict(raw)
+    for flag, key in REPORT_FLAGS.items():
+        if getattr(args, flag) is not None:
+            raw[key] = getattr(args, flag)
+    if args.label_map is not None:
+        try:
+            raw["label_map"] = json.loads(args.label_map)
+        except json.JSONDecodeError as exc:
+            raise ValueError(
+                f'--label-map {args.label_map!r} is not JSON ({exc}); e.g. \'{{"hateful": "negative"}}\'.'
+            ) from None
+    for key in ("probes", "identity_category", "functional"):
+        if raw.get(key) in ("none", "null"):
+            raw[key] = None
+    if args.no_perturbations:
+        raw["perturbations"] = []
+    settings = report_settings(raw, args.config)
+    report = run_report(args.model_dir, settings, args.output, data=args.data)
+    _print_report_summary(report, args.output)
+    return 0
+
+
+def _print_report_summary(report: dict, output: str) -> None:
+    def ci(entry: dict) -> str:
+        return f"{entry['value']:.3f} [{entry['ci'][0]:.3f}, {entry['ci'][1]:.3f}]"
+
+    print(f"\n=== fmdist report: {report['model']} on {report['data']} ===")
+    if "evaluation" in report:
+        for name, entry in report["evaluation"]["intervals"].items():
+            print(f"{name:<32}{ci(entry)}")
+    if "fairness" in report:
+        for name, entry in report["fairness"]["gaps"].items():
+            print(f"{name:<32}{ci(entry)}")
+    for name, c in (report.get("counterfactual") or {}).get("categories", {}).items():
+        print(f"identity gap, {name:<18}{ci(c['gap'])} ({c['gap']['max_term']} vs {c['gap']['min_term']})")
+    for r in report.get("robustness") or []:
+        print(f"{r['name'] + ' @ ' + str(r['rate']):<32}drop {ci(r['drop']) if r.get('drop') else 'n/a'}, "
+              f"flips {r['flip_rate']['value']:.3f}")  # fmt: skip
+    if "functional" in report:
+        print(f"functional tests                {report['functional']['pass_rate']:.3f} pass")
+    print(
+        f"\nwrote {output}/report.json, report.html"
+        + (", README.md (model card)" if Path(output, "README.md").exists() else "")
+    )
 
 
 def cmd_config_reference(args: argparse.Namespace) -> int:
@@ -212,7 +298,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--adapter", action="store_true", help="peft runs: write the adapter (loads with peft) instead of merging it"
     )
+    p.add_argument("--card", metavar="REPORT_DIR", help="copy the model card and plots written by fmdist report")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("report", help="fairness, robustness, explanations and a model card for an exported classifier")
+    p.add_argument("model_dir", help="a directory written by fmdist export (it is only read)")
+    p.add_argument("--data", help="labelled data (file, glob or directory of shards, local or s3://)")
+    p.add_argument("--output", required=True, help="the report directory (report.json, report.html, README.md, PNGs)")
+    p.add_argument("--config", help="a YAML of report settings (the keys of a config's report: section)")
+    p.add_argument("--text-column", help="input column (default: the model's training config)")
+    p.add_argument("--label-column", help="label column (default: the model's training config)")
+    p.add_argument("--group-column", help="a column naming each row's group (default: identity terms in the text)")
+    p.add_argument("--identity-category", help="identity-term groups from this probe category, all, or none")
+    p.add_argument("--label-map", help='data/probe labels -> model labels as JSON, e.g. \'{"hateful": "negative"}\'')
+    p.add_argument("--positive-label", help="the label whose rate the gaps compare (default: second of two)")
+    p.add_argument("--probes", help="counterfactual probe set: default, a YAML of your own, or none")
+    p.add_argument("--functional", help="functional tests, a CSV in HateCheck's format")
+    p.add_argument("--no-perturbations", action="store_true", help="skip the robustness section")
+    p.add_argument("--n-boot", type=int, help="bootstrap resamples (default 1000)")
+    p.add_argument("--seed", type=int, help="seeds resampling, perturbations and examples (default 0)")
+    p.add_argument("--explain", type=int, help="cases explained per kind (default 3; 0 skips)")
+    p.add_argument("--max-rows", type=int, help="report on the first N rows only")
+    p.add_argument("--intended-use", help="the model card's intended-use paragraph")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("generate", help="continue a prompt with an exported causal language model")
     p.add_argument("model_dir")
@@ -247,7 +355,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="INPUT [INPUT ...] OUTPUT",
         help="input files (CSV, TSV, JSONL, CoNLL, text) or image folders (one sub-folder per class), then the output directory",
     )
-    p.add_argument("--redact", action="store_true", help="replace e-mails, phones, URLs, IPs and card numbers")
+    p.add_argument(
+        "--redact",
+        action="store_true",
+        help="replace e-mails, phones, URLs, IPs, card numbers and person names (names need fmdist[pii])",
+    )
+    p.add_argument(
+        "--redact-entities",
+        metavar="TYPES",
+        help="with --redact: the named entities to replace, comma-separated of PERSON, LOCATION, ORGANIZATION, "
+        "or none (default: PERSON)",
+    )
     p.add_argument("--format", choices=["parquet", "arrow"], default="parquet")
     p.add_argument("--rows-per-shard", type=int, default=10_000)
     p.add_argument(

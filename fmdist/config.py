@@ -210,6 +210,51 @@ class DistillConfig:
     )
 
 
+@dataclass
+class ReportConfig:
+    enabled: bool = _field(
+        False,
+        "Run `fmdist report` after `fmdist train` on the final model (exported to <run>/model) into `output`.",
+    )
+    data: str | None = _field(None, "Labelled data to report on (any form data.eval takes); default data.eval.")
+    text_column: str | None = _field(None, "Its text column; default data.text_column.")
+    label_column: str | None = _field(None, "Its label column; default data.label_column.")
+    group_column: str | None = _field(
+        None, "A column naming each row's group; without one, groups come from identity terms found in the text."
+    )
+    identity_category: str | None = _field(
+        "all",
+        "Without a group column: which identity terms of the probe set form the groups (a category such as "
+        "gender, or all); null skips per-group metrics.",
+    )
+    label_map: dict[str, str] = _field(
+        {},
+        "Data or probe labels -> the model's labels, e.g. {hateful: negative, non-hateful: positive}.",
+    )
+    positive_label: str | None = _field(
+        None,
+        "The label whose rate the fairness gaps and probe scores compare; default the second of two labels.",
+    )
+    probes: str | None = _field(
+        "default",
+        "Counterfactual identity probes: `default` (the set shipped with fmdist), a YAML of your own, or null.",
+    )
+    functional: str | None = _field(
+        None, "A CSV of functional tests in HateCheck's format (case, expected label, functionality)."
+    )
+    perturbations: list[dict[str, Any]] = _field(
+        [{"name": "typo", "rate": 0.05}, {"name": "case", "rate": 0.3}, {"name": "punctuation", "rate": 0.5},
+         {"name": "whitespace", "rate": 0.3}],
+        "Label-keeping perturbations, each {name, rate} (see docs/report.md for the names); [] skips them.",
+    )  # fmt: skip
+    n_boot: int = _field(1000, "Bootstrap resamples for every interval (seeded by `seed`).")
+    seed: int = _field(0, "Seeds resampling, perturbations and the choice of examples.")
+    explain: int = _field(3, "Cases explained (Integrated Gradients) per kind: correct, wrong, counterfactual gaps.")
+    max_rows: int | None = _field(None, "Report on the first N rows only (a quick look); default all.")
+    output: str | None = _field(None, "Where `fmdist train` writes the report; default <run>/report (local runs).")
+    intended_use: str | None = _field(None, "The model card's intended-use paragraph, in your words.")
+
+
 SCHEDULERS = ("fifo", "asha", "pbt")
 PBT_MUTABLE = ("train.lr", "train.weight_decay")
 """What PBT may change when a trial continues from another's checkpoint: the restored optimizer and LR
@@ -267,6 +312,7 @@ class Config:
     tune: TuneConfig = field(default_factory=TuneConfig)
     peft: PeftSettings = field(default_factory=PeftSettings)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     @property
     def global_batch_size(self) -> int:
@@ -424,6 +470,7 @@ def _validate(cfg: Config, problems: list[str]) -> None:
         problems.append(f"scaling.use_gpu: must be auto, true or false; got {s.use_gpu!r}.")
     _validate_tune(cfg, problems, positive, one_of)
     _validate_lm_peft_distill(cfg, problems, positive, one_of)
+    _validate_report(cfg.report, problems)
     positive("run.checkpoint_every_steps", r.checkpoint_every_steps, allow_none=True)
     positive("run.keep_checkpoints", r.keep_checkpoints)
     if isinstance(r.max_failures, int) and r.max_failures < 0:
@@ -576,6 +623,34 @@ def from_dict(raw: dict[str, Any], source: str | None = None) -> Config:
         raise ConfigError(problems, source)
     _fill_task_defaults(cfg)
     return cfg
+
+
+def report_settings(raw: dict[str, Any] | None, source: str | None = None) -> ReportConfig:
+    """A `report:` section on its own (`fmdist report --config`): a file holding either the section's keys
+    or a whole config with a `report:` section."""
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError([f"the report settings must be a mapping, got {type(raw).__name__}."], source)
+    if "report" in raw:
+        raw = raw["report"] or {}
+    problems: list[str] = []
+    settings = _build_section(ReportConfig, raw, "report", problems)
+    _validate_report(settings, problems)
+    if problems:
+        raise ConfigError(problems, source)
+    return settings
+
+
+def _validate_report(report: ReportConfig, problems: list[str]) -> None:
+    if report.n_boot < 1:
+        problems.append(f"report.n_boot is {report.n_boot}; give at least 1 resample (1000 or more for a report).")
+    if report.explain < 0:
+        problems.append(f"report.explain is {report.explain}; give 0 (no explanations) or more.")
+    for i, item in enumerate(report.perturbations):
+        if not isinstance(item, dict) or set(item) != {"name", "rate"}:
+            problems.append(f"report.perturbations[{i}] is {item!r}; give {{name: typo, rate: 0.05}}.")
+        elif not isinstance(item["rate"], int | float) or not 0 <= item["rate"] <= 1:
+            problems.append(f"report.perturbations[{i}].rate is {item['rate']!r}; give a number from 0 to 1.")
 
 
 def _fill_task_defaults(cfg: Config) -> None:

@@ -24,14 +24,15 @@ def _header(meta: dict[str, Any], report: dict[str, Any] | None) -> list[str]:
     if cfg["model"].get("name_or_path") and not str(cfg["model"]["name_or_path"]).startswith(("/", ".")):
         lines.append(f"base_model: {cfg['model']['name_or_path']}")
     headline = (report or {}).get("evaluation") or meta.get("eval")
-    if headline and task.labelled and "accuracy" in headline:
+    metric = (headline or {}).get("headline") or "accuracy"  # entity F1 for a token classifier
+    if headline and task.labelled and metric in headline:
         lines += [
             "model-index:",
             f"- name: {cfg['run']['name']}",
             "  results:",
             f"  - task: {{type: {task.pipeline_tag}}}",
             f"    dataset: {{name: {(report or {}).get('data', cfg['data']['eval'])}, type: custom}}",
-            f"    metrics: [{{type: accuracy, value: {headline['accuracy']:.4f}}}]",
+            f"    metrics: [{{type: {metric}, value: {headline[metric]:.4f}}}]",
         ]
     return [*lines, "---", ""]
 
@@ -156,8 +157,7 @@ def _report_sections(report: dict[str, Any]) -> list[str]:
         for r in robustness:
             drop = r.get("drop")
             lines.append(
-                f"| {r['name']} | {r['rate']} | {_interval(drop) if drop else 'n/a'} | "
-                f"{_interval(r['flip_rate'])} |"
+                f"| {r['name']} | {r['rate']} | {_interval(drop) if drop else 'n/a'} | {_interval(r['flip_rate'])} |"
             )
         lines += ["", "![robustness](robustness.png)", ""]
     functional = report.get("functional")
@@ -214,7 +214,8 @@ def render(
         "",
         "## Intended use",
         "",
-        intended_use or "Not stated: set `report.intended_use` (or `--intended-use`) to say what this model is for, "
+        intended_use
+        or "Not stated: set `report.intended_use` (or `--intended-use`) to say what this model is for, "
         "for whom, and what it must not be used for.",
         "",
     ]
