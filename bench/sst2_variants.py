@@ -158,7 +158,7 @@ def inference_speed(args: argparse.Namespace, work: Path) -> dict[str, dict[str,
     ]
     rates: dict[str, list[float]] = {name: [] for name in models}
     with torch.no_grad():
-        for name, model in models.items():  # one untimed pass each: allocator and kernels warm
+        for model in models.values():  # one untimed pass each: allocator and kernels warm
             model(**batches[0])
         for _ in range(args.rounds):
             for name, model in models.items():

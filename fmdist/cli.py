@@ -205,6 +205,7 @@ REPORT_FLAGS = {
     "probes": "probes",
     "functional": "functional",
     "n_boot": "n_boot",
+    "min_group_size": "min_group_size",
     "seed": "seed",
     "explain": "explain",
     "max_rows": "max_rows",
@@ -246,8 +247,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _print_report_summary(report: dict, output: str) -> None:
-    def ci(entry: dict) -> str:
-        return f"{entry['value']:.3f} [{entry['ci'][0]:.3f}, {entry['ci'][1]:.3f}]"
+    from fmdist.eval.fairness import format_interval as ci
 
     print(f"\n=== fmdist report: {report['model']} on {report['data']} ===")
     if "evaluation" in report:
@@ -256,8 +256,13 @@ def _print_report_summary(report: dict, output: str) -> None:
     if "fairness" in report:
         for name, entry in report["fairness"]["gaps"].items():
             print(f"{name:<32}{ci(entry)}")
+        if report["fairness"]["gaps_note"]:
+            print(f"per-group gaps: {report['fairness']['gaps_note']}")
     for name, c in (report.get("counterfactual") or {}).get("categories", {}).items():
-        print(f"identity gap, {name:<18}{ci(c['gap'])} ({c['gap']['max_term']} vs {c['gap']['min_term']})")
+        print(
+            f"identity gap, {name:<18}{ci(c['gap'])} ({c['gap']['max_term']} vs {c['gap']['min_term']}; "
+            f"permutation p {c['gap']['p_value']:.3f}, flip rate {c['flip_rate']:.3f})"
+        )
     for r in report.get("robustness") or []:
         print(f"{r['name'] + ' @ ' + str(r['rate']):<32}drop {ci(r['drop']) if r.get('drop') else 'n/a'}, "
               f"flips {r['flip_rate']['value']:.3f}")  # fmt: skip
@@ -316,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--functional", help="functional tests, a CSV in HateCheck's format")
     p.add_argument("--no-perturbations", action="store_true", help="skip the robustness section")
     p.add_argument("--n-boot", type=int, help="bootstrap resamples (default 1000)")
+    p.add_argument("--min-group-size", type=int, help="smaller groups are listed but left out of the gaps (default 30)")
     p.add_argument("--seed", type=int, help="seeds resampling, perturbations and examples (default 0)")
     p.add_argument("--explain", type=int, help="cases explained per kind (default 3; 0 skips)")
     p.add_argument("--max-rows", type=int, help="report on the first N rows only")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -248,6 +249,11 @@ class ReportConfig:
         "Label-keeping perturbations, each {name, rate} (see docs/report.md for the names); [] skips them.",
     )  # fmt: skip
     n_boot: int = _field(1000, "Bootstrap resamples for every interval (seeded by `seed`).")
+    min_group_size: int = _field(
+        30,
+        "Groups with fewer rows are listed (their values and the Wilson interval of their accuracy, flagged) "
+        "but left out of the bootstrap and the gaps: a gap over groups of a row or two says nothing.",
+    )
     seed: int = _field(0, "Seeds resampling, perturbations and the choice of examples.")
     explain: int = _field(3, "Cases explained (Integrated Gradients) per kind: correct, wrong, counterfactual gaps.")
     max_rows: int | None = _field(None, "Report on the first N rows only (a quick look); default all.")
@@ -642,6 +648,8 @@ def report_settings(raw: dict[str, Any] | None, source: str | None = None) -> Re
 
 
 def _validate_report(report: ReportConfig, problems: list[str]) -> None:
+    if report.min_group_size < 1:
+        problems.append(f"report.min_group_size is {report.min_group_size}; give at least 1 (30 is usual).")
     if report.n_boot < 1:
         problems.append(f"report.n_boot is {report.n_boot}; give at least 1 resample (1000 or more for a report).")
     if report.explain < 0:
@@ -735,7 +743,7 @@ def resolve_relative(value: str | None, base: Path) -> str | None:
     """Make a local relative path absolute (workers run elsewhere); URIs and absolute paths pass through."""
     if value is None or "://" in value or Path(value).is_absolute():
         return value
-    return str(base / value)
+    return os.path.normpath(base / value)  # no "configs/../data" in logs and the model card
 
 
 def save(cfg: Config, path: str | Path) -> None:

@@ -10,11 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from fmdist import tasks
-
-
-def _interval(entry: dict[str, Any], digits: int = 3) -> str:
-    low, high = entry["ci"]
-    return f"{entry['value']:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+from fmdist.eval.fairness import format_interval
 
 
 def _header(meta: dict[str, Any], report: dict[str, Any] | None) -> list[str]:
@@ -90,6 +86,13 @@ def _hyperparameters(cfg: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _group_note(row: dict[str, Any], min_group_size: int) -> str:
+    notes = (["wide"] if row["wide"] else []) + (
+        [] if row["in_gaps"] else [f"under {min_group_size} rows: not in the gaps"]
+    )
+    return "; ".join(notes)
+
+
 def _report_sections(report: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     evaluation = report.get("evaluation")
@@ -103,7 +106,7 @@ def _report_sections(report: dict[str, Any]) -> list[str]:
             "| metric | value [95% interval] |",
             "|---|---|",
         ]
-        lines += [f"| {name} | {_interval(entry)} |" for name, entry in evaluation["intervals"].items()]
+        lines += [f"| {name} | {format_interval(entry)} |" for name, entry in evaluation["intervals"].items()]
         lines.append("")
     fairness = report.get("fairness")
     if fairness:
@@ -120,13 +123,16 @@ def _report_sections(report: dict[str, Any]) -> list[str]:
         for row in fairness["groups"]:
             m = row["metrics"]
             lines.append(
-                f"| {row['group']} | {row['size']:,} | {_interval(m['accuracy'])} | {_interval(m['macro_f1'])} | "
-                f"{_interval(m['selection_rate'])} | {'wide' if row['wide'] else ''} |"
+                f"| {row['group']} | {row['size']:,} | {format_interval(m['accuracy'])} | {format_interval(m['macro_f1'])} | "
+                f"{format_interval(m['selection_rate'])} | {_group_note(row, fairness['min_group_size'])} |"
             )
-        lines += ["", "| gap | value [95% interval] |", "|---|---|"]
+        if fairness["gaps"]:
+            lines += ["", "| gap | value [95% interval] |", "|---|---|"]
         for name, entry in fairness["gaps"].items():
             extra = f" (group {entry['group']})" if "group" in entry else ""
-            lines.append(f"| {name.replace('_', ' ')} | {_interval(entry)}{extra} |")
+            lines.append(f"| {name.replace('_', ' ')} | {format_interval(entry)}{extra} |")
+        if fairness["gaps_note"]:
+            lines += ["", fairness["gaps_note"][0].upper() + fairness["gaps_note"][1:]]
         lines += ["", "![per-group metrics](fairness.png)", ""]
     probes = report.get("counterfactual")
     if probes:
@@ -142,7 +148,7 @@ def _report_sections(report: dict[str, Any]) -> list[str]:
         for name, c in probes["categories"].items():
             gap = c["gap"]
             lines.append(
-                f"| {name} | {len(c['terms'])} | {_interval(gap)} | {gap['max_term']} vs {gap['min_term']} | "
+                f"| {name} | {len(c['terms'])} | {format_interval(gap)} | {gap['max_term']} vs {gap['min_term']} | "
                 f"{c['flip_rate']:.3f} |"
             )
         lines += ["", "![mean score per identity term](counterfactual.png)", ""]
@@ -157,7 +163,7 @@ def _report_sections(report: dict[str, Any]) -> list[str]:
         for r in robustness:
             drop = r.get("drop")
             lines.append(
-                f"| {r['name']} | {r['rate']} | {_interval(drop) if drop else 'n/a'} | {_interval(r['flip_rate'])} |"
+                f"| {r['name']} | {r['rate']} | {format_interval(drop) if drop else 'n/a'} | {format_interval(r['flip_rate'])} |"
             )
         lines += ["", "![robustness](robustness.png)", ""]
     functional = report.get("functional")
@@ -172,7 +178,7 @@ def _report_sections(report: dict[str, Any]) -> list[str]:
             "|---|---:|---|",
         ]
         for f in functional["functionalities"][:10]:
-            lines.append(f"| {f['functionality']} | {f['n']} | {_interval(f['pass_rate'])} |")
+            lines.append(f"| {f['functionality']} | {f['n']} | {format_interval(f['pass_rate'])} |")
         lines += ["", "![worst functionalities](functional.png)", ""]
     explanations = report.get("explanations")
     if explanations:

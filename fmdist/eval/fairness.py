@@ -8,11 +8,19 @@ MetricFrame aggregate gives per resample; its interval calls fairlearn's own
 `equalized_odds_difference` on the same number of seeded resamples.
 
 Small groups are never hidden: each group reports its size, and a group whose accuracy interval is wider
-than `wide_interval` is flagged so a reader does not over-read its point estimate.
+than `wide_interval` is flagged so a reader does not over-read its point estimate. Groups of fewer than
+`min_group_size` rows are listed with their values and the Wilson score interval of their accuracy (a
+bootstrap of a group of 1 is [x, x], zero wide, and would hide exactly the groups the flag is for), and
+left out of the bootstrap and the gaps: a gap over groups of one or two rows is 1.0 by construction (one row predicted
+positive, another not) and says nothing about the model. The bootstrap's cost grows with the number of
+groups (fairlearn recomputes the whole frame, about 20 ms per group, per resample), so leaving such
+groups out also keeps the report fast.
 """
 
 from __future__ import annotations
 
+import math
+import time
 import warnings
 from collections.abc import Callable
 from functools import partial
@@ -20,8 +28,37 @@ from typing import Any
 
 import numpy as np
 
+from fmdist.runtime import get_logger
+
+log = get_logger("fmdist.report")
+
+FAST_SKLEARN = {"assume_finite": True, "skip_parameter_validation": True}
+"""scikit-learn settings inside the bootstrap: the labels are ids we made, so its per-call argument and
+finiteness checks (about a third of each resample's time) are skipped; results are unchanged."""
+
 QUANTILES = (0.025, 0.975)
 """The 95% interval: the 2.5th and 97.5th percentiles of the bootstrap distribution."""
+
+Z_95 = 1.959963984540054
+"""The standard normal quantile of 0.975: the Wilson interval's 95%."""
+
+
+def wilson_interval(passed: int, n: int) -> list[float]:
+    """The 95% Wilson score interval of a proportion `passed / n` (honest at 0/n and n/n and for small n)."""
+    if n == 0:
+        return [0.0, 1.0]
+    p, z2 = passed / n, Z_95 * Z_95
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = Z_95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def format_interval(entry: dict[str, Any], digits: int = 3) -> str:
+    """'value [low, high]', or the value alone where there is no interval (a group below the minimum size)."""
+    if entry.get("ci") is None:
+        return f"{entry['value']:.{digits}f} (no interval)"
+    low, high = entry["ci"]
+    return f"{entry['value']:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
 def _binary(metric: Callable[..., float], positive: int) -> Callable[[np.ndarray, np.ndarray], float]:
@@ -66,6 +103,7 @@ def group_metrics(
     n_boot: int = 1000,
     seed: int = 0,
     wide_interval: float = 0.2,
+    min_group_size: int = 30,
 ) -> dict[str, Any]:
     """Every metric per group with its 95% bootstrap interval, the group sizes, and the gap metrics.
 
@@ -79,13 +117,17 @@ def group_metrics(
         n_boot: Bootstrap resamples (seeded).
         seed: Seeds the resampling.
         wide_interval: A group whose accuracy interval is wider than this is flagged `wide`.
+        min_group_size: Groups with fewer rows are listed (values, the Wilson interval of accuracy) but
+            left out of the bootstrap and the gaps.
 
     Returns:
-        Plain values: `overall` and each of `groups` (size, metrics with value and ci, wide), `gaps`
-        (demographic parity difference and ratio, equalized odds difference, accuracy difference, worst-group
-        accuracy and which group), and the settings.
+        Plain values: `overall` and each of `groups` (size, metrics with value and ci, wide, in_gaps),
+        `gaps` (demographic parity difference and ratio, equalized odds difference, accuracy difference,
+        worst-group accuracy and which group; empty when fewer than two groups reach `min_group_size`,
+        and `gaps_note` says why), and the settings.
     """
     import pandas as pd
+    import sklearn
     from fairlearn.metrics import MetricFrame, count, equalized_odds_difference
 
     if n_boot < 1:
@@ -100,72 +142,95 @@ def group_metrics(
     else:
         raise ValueError(f"positive_label {positive_label!r} is not one of the model's labels {label_names}.")
     functions = metric_functions(label_names, positive)
-    sensitive = pd.Series(groups, name="group")
-    with warnings.catch_warnings():
+    groups = np.asarray([str(g) for g in groups])
+    with warnings.catch_warnings(), sklearn.config_context(**FAST_SKLEARN):
         # A resample may leave a group without positives (a rate of 0/0): fairlearn warns and returns 0.
         warnings.simplefilter("ignore")
-        frame = MetricFrame(
-            metrics={**functions, "size": count},
-            y_true=y_true,
-            y_pred=y_pred,
-            sensitive_features=sensitive,
-            n_boot=n_boot,
-            ci_quantiles=list(QUANTILES),
-            random_state=seed,
-        )
-        eod_samples = _resampled(
-            lambda yt, yp, g: equalized_odds_difference(yt == positive, yp == positive, sensitive_features=g),
-            y_true, y_pred, np.asarray(groups), n_boot, seed,
-        )  # fmt: skip
-        eod = float(equalized_odds_difference(y_true == positive, y_pred == positive, sensitive_features=sensitive))
-    low, high = frame.by_group_ci
-    by_group = frame.by_group
+        # Every group's values, and the overall ones, in one frame without resampling (cheap).
+        started = time.perf_counter()
+        point = MetricFrame(metrics={**functions, "size": count}, y_true=y_true, y_pred=y_pred,
+                            sensitive_features=pd.Series(groups, name="group"))  # fmt: skip
+        sizes = point.by_group["size"]
+        large = [g for g in sizes.index if sizes[g] >= min_group_size]
+        keep = np.isin(groups, large)
+        frame = None
+        if large:
+            # The bootstrap recomputes a frame like `point` (and, for the gaps, an equalized-odds one) per
+            # resample: say how long that will take, since it is the report's slowest part.
+            seconds = (time.perf_counter() - started) * n_boot * (1.5 if len(large) > 1 else 1)
+            log.info("report: bootstrapping %d group(s) of at least %d rows, %d resamples (about %.0f s)",
+                     len(large), min_group_size, n_boot, seconds)  # fmt: skip
+            frame = MetricFrame(metrics=functions, y_true=y_true[keep], y_pred=y_pred[keep],
+                                sensitive_features=pd.Series(groups[keep], name="group"), n_boot=n_boot,
+                                ci_quantiles=list(QUANTILES), random_state=seed)  # fmt: skip
     rows = []
-    for group in by_group.index:
-        metrics = {
-            name: {
-                "value": float(by_group.loc[group, name]),
-                "ci": _interval(low.loc[group, name], high.loc[group, name]),
-            }
-            for name in functions
-        }
+    for group in point.by_group.index:
+        size = int(sizes[group])
+        metrics = {name: {"value": float(point.by_group.loc[group, name]), "ci": None} for name in functions}
+        if group in large:
+            low, high = frame.by_group_ci
+            for name in functions:
+                metrics[name]["ci"] = _interval(low.loc[group, name], high.loc[group, name])
+        else:
+            metrics["accuracy"]["ci"] = wilson_interval(round(metrics["accuracy"]["value"] * size), size)
         width = metrics["accuracy"]["ci"][1] - metrics["accuracy"]["ci"][0]
-        rows.append({"group": str(group), "size": int(by_group.loc[group, "size"]), "metrics": metrics,
-                     "wide": bool(width > wide_interval)})  # fmt: skip
-    overall_low, overall_high = frame.overall_ci
-    overall = {
-        name: {"value": float(frame.overall[name]), "ci": _interval(overall_low[name], overall_high[name])}
-        for name in functions
-    }
-    difference, ratio = frame.difference(), frame.ratio()
-    difference_ci, ratio_ci, minimum_ci = frame.difference_ci(), frame.ratio_ci(), frame.group_min_ci()
-    worst = by_group["accuracy"].idxmin()
-    gaps = {
-        "demographic_parity_difference": {
-            "value": float(difference["selection_rate"]),
-            "ci": _interval(difference_ci[0]["selection_rate"], difference_ci[1]["selection_rate"]),
-        },
-        "demographic_parity_ratio": {
-            "value": float(ratio["selection_rate"]),
-            "ci": _interval(ratio_ci[0]["selection_rate"], ratio_ci[1]["selection_rate"]),
-        },
-        "equalized_odds_difference": {"value": eod, "ci": _interval(*np.quantile(eod_samples, QUANTILES))},
-        "accuracy_difference": {
-            "value": float(difference["accuracy"]),
-            "ci": _interval(difference_ci[0]["accuracy"], difference_ci[1]["accuracy"]),
-        },
-        "worst_group_accuracy": {
-            "value": float(by_group.loc[worst, "accuracy"]),
-            "ci": _interval(minimum_ci[0]["accuracy"], minimum_ci[1]["accuracy"]),
-            "group": str(worst),
-        },
-    }
+        rows.append({"group": str(group), "size": size, "metrics": metrics, "wide": bool(width > wide_interval),
+                     "in_gaps": group in large})  # fmt: skip
+    overall = {name: {"value": float(point.overall[name]), "ci": None} for name in functions}
+    if frame is not None and len(large) == len(sizes):  # the frame saw every row: its overall intervals hold
+        overall_low, overall_high = frame.overall_ci
+        for name in functions:
+            overall[name]["ci"] = _interval(overall_low[name], overall_high[name])
+    gaps: dict[str, Any] = {}
+    note = ""
+    small = [str(g) for g in sizes.index if g not in large]
+    if small:
+        note = (f"{len(small)} group(s) under {min_group_size} rows are listed but left out of the gaps: "
+                f"{', '.join(small[:12])}{' ...' if len(small) > 12 else ''}.")  # fmt: skip
+    if len(large) < 2:
+        note = (f"no gaps: they need two groups of at least {min_group_size} rows, and "
+                f"{'only ' + repr(large[0]) + ' has' if large else 'none has'} that many. " + note).strip()  # fmt: skip
+    else:
+        with warnings.catch_warnings(), sklearn.config_context(**FAST_SKLEARN):
+            warnings.simplefilter("ignore")
+            yt, yp, g = y_true[keep], y_pred[keep], groups[keep]
+            eod_samples = _resampled(
+                lambda a, b, c: equalized_odds_difference(a == positive, b == positive, sensitive_features=c),
+                yt, yp, g, n_boot, seed,
+            )  # fmt: skip
+            eod = float(equalized_odds_difference(yt == positive, yp == positive, sensitive_features=g))
+        by_group = frame.by_group
+        difference, ratio = frame.difference(), frame.ratio()
+        difference_ci, ratio_ci, minimum_ci = frame.difference_ci(), frame.ratio_ci(), frame.group_min_ci()
+        worst = by_group["accuracy"].idxmin()
+        gaps = {
+            "demographic_parity_difference": {
+                "value": float(difference["selection_rate"]),
+                "ci": _interval(difference_ci[0]["selection_rate"], difference_ci[1]["selection_rate"]),
+            },
+            "demographic_parity_ratio": {
+                "value": float(ratio["selection_rate"]),
+                "ci": _interval(ratio_ci[0]["selection_rate"], ratio_ci[1]["selection_rate"]),
+            },
+            "equalized_odds_difference": {"value": eod, "ci": _interval(*np.quantile(eod_samples, QUANTILES))},
+            "accuracy_difference": {
+                "value": float(difference["accuracy"]),
+                "ci": _interval(difference_ci[0]["accuracy"], difference_ci[1]["accuracy"]),
+            },
+            "worst_group_accuracy": {
+                "value": float(by_group.loc[worst, "accuracy"]),
+                "ci": _interval(minimum_ci[0]["accuracy"], minimum_ci[1]["accuracy"]),
+                "group": str(worst),
+            },
+        }
     return {
         "positive_label": label_names[positive],
         "n_boot": n_boot,
         "seed": seed,
         "interval": list(QUANTILES),
         "wide_interval": wide_interval,
+        "min_group_size": min_group_size,
+        "gaps_note": note,
         "size": len(y_true),
         "overall": overall,
         "groups": rows,
@@ -205,10 +270,9 @@ def plot_groups(result: dict[str, Any], path: str) -> Any:
         (axes[1], "selection_rate", f"rate of predicting {result['positive_label']!r}"),
     ):
         values = [r["metrics"][metric]["value"] for r in rows]
-        errors = [
-            [v - r["metrics"][metric]["ci"][0] for v, r in zip(values, rows, strict=True)],
-            [r["metrics"][metric]["ci"][1] - v for v, r in zip(values, rows, strict=True)],
-        ]
+        cis = [r["metrics"][metric]["ci"] or [v, v] for v, r in zip(values, rows, strict=True)]
+        errors = [[v - ci[0] for v, ci in zip(values, cis, strict=True)],
+                  [ci[1] - v for v, ci in zip(values, cis, strict=True)]]  # fmt: skip
         ax.barh(range(len(rows)), values, xerr=np.clip(errors, 0, None), color="#4c72b0", capsize=3)
         ax.axvline(result["overall"][metric]["value"], color="k", linestyle="--", linewidth=1, label="overall")
         ax.set_xlim(0, 1)
@@ -216,7 +280,10 @@ def plot_groups(result: dict[str, Any], path: str) -> Any:
     axes[0].set_yticks(range(len(rows)), names)
     axes[0].invert_yaxis()
     axes[0].legend(loc="lower right")
-    fig.suptitle(f"per group, 95% bootstrap intervals ({result['n_boot']} resamples); * = wide interval")
+    fig.suptitle(
+        f"per group, 95% intervals (bootstrap, {result['n_boot']} resamples; Wilson for accuracy under "
+        f"{result['min_group_size']} rows); * = wide interval"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -15,27 +15,15 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from fmdist.eval.fairness import QUANTILES
+from fmdist.eval.fairness import QUANTILES, wilson_interval
 
 DEFAULT_COLUMNS = {"text": "test_case", "label": "label_gold", "functionality": "functionality"}
 """The CSV's columns by role, as HateCheck names them; `columns` overrides any of them."""
-
-Z_95 = 1.959963984540054
-"""The standard normal quantile of 0.975: the Wilson interval's 95%."""
-
-
-def wilson_interval(passed: int, n: int) -> list[float]:
-    """The 95% Wilson score interval of a proportion `passed / n` (n > 0)."""
-    p, z2 = passed / n, Z_95**2
-    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
-    half = Z_95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
 def read_cases(path: str, columns: dict[str, str] | None = None) -> dict[str, list[str]]:

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from fmdist.config import ReportConfig
+from fmdist.eval.fairness import format_interval
 from fmdist.runtime import get_logger
 
 log = get_logger("fmdist.report")
@@ -86,6 +87,11 @@ def read_rows(data: str, columns: dict[str, str | None], max_rows: int | None) -
         if max_rows is not None and len(next(iter(rows.values()))) >= max_rows:
             break
     return {flag: values[:max_rows] for flag, values in rows.items()}
+
+
+def group_names(values: list[Any]) -> list[str]:
+    """A group column's values as names; an empty cell is the group `(missing)`, shown like any other."""
+    return ["(missing)" if v is None or str(v).strip() == "" else str(v) for v in values]
 
 
 def label_ids(values: list[Any], label_names: list[str], label_map: dict[str, str], where: str) -> np.ndarray:
@@ -246,7 +252,7 @@ def _text_sections(
         probe_set = probes.load_probe_set(None if settings.probes == "default" else settings.probes)
     groups, source = None, None
     if settings.group_column is not None:
-        groups, source = [str(g) for g in rows["--group-column"]], f"column `{settings.group_column}`"
+        groups, source = group_names(rows["--group-column"]), f"column `{settings.group_column}`"
     elif settings.identity_category is not None:
         category = None if settings.identity_category == "all" else settings.identity_category
         groups = probes.identity_groups(texts, probe_set, category)
@@ -254,7 +260,8 @@ def _text_sections(
     if groups is not None:
         log.info("report: per-group metrics, %d groups, %d bootstrap resamples", len(set(groups)), settings.n_boot)
         result = fairness.group_metrics(y_true, y_pred, groups, label_names, settings.positive_label,
-                                        settings.n_boot, settings.seed)  # fmt: skip
+                                        settings.n_boot, settings.seed,
+                                        min_group_size=settings.min_group_size)  # fmt: skip
         report["fairness"] = {"group_source": source, **result}
         fairness.plot_groups(result, str(out / "fairness.png"))
         plots.append("fairness.png")
@@ -425,9 +432,10 @@ def _image_sections(
     y_pred = y_pred.argmax(-1).numpy()
     report["evaluation"] = evaluation(y_true, y_pred, label_names, settings.n_boot, settings.seed)
     if settings.group_column is not None:
-        groups = [str(g) for g in rows["--group-column"]]
+        groups = group_names(rows["--group-column"])
         result = fairness.group_metrics(y_true, y_pred, groups, label_names, settings.positive_label,
-                                        settings.n_boot, settings.seed)  # fmt: skip
+                                        settings.n_boot, settings.seed,
+                                        min_group_size=settings.min_group_size)  # fmt: skip
         report["fairness"] = {"group_source": f"column `{settings.group_column}`", **result}
         fairness.plot_groups(result, str(out / "fairness.png"))
         plots.append("fairness.png")
@@ -451,10 +459,6 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _ci(entry: dict[str, Any]) -> str:
-    return f"{entry['value']:.3f} [{entry['ci'][0]:.3f}, {entry['ci'][1]:.3f}]"
-
-
 def render_html(report: dict[str, Any]) -> str:
     """report.html: the report's tables, plots and explanations on one self-contained page (plots linked)."""
     parts = [f"<h1>fmdist report: {html_lib.escape(report['model'])}</h1>",
@@ -463,26 +467,35 @@ def render_html(report: dict[str, Any]) -> str:
     if "evaluation" in report:
         e = report["evaluation"]
         parts += [f"<h2>Evaluation ({e['size']} rows)</h2>",
-                  _table(["metric", "value [95% interval]"], [[k, _ci(v)] for k, v in e["intervals"].items()])]  # fmt: skip
+                  _table(["metric", "value [95% interval]"], [[k, format_interval(v)] for k, v in e["intervals"].items()])]  # fmt: skip
     if "fairness" in report:
         f = report["fairness"]
         parts += [f"<h2>Per-group metrics</h2><p>groups from {html_lib.escape(f['group_source'])}</p>",
-                  _table(["group", "size", "accuracy", "macro-F1", "selection rate", "wide interval"],
-                         [[r["group"], r["size"], _ci(r["metrics"]["accuracy"]), _ci(r["metrics"]["macro_f1"]),
-                           _ci(r["metrics"]["selection_rate"]), "yes" if r["wide"] else ""] for r in f["groups"]]),
-                  _table(["gap", "value [95% interval]"], [[k, _ci(v)] for k, v in f["gaps"].items()]),
+                  _table(["group", "size", "accuracy", "macro-F1", "selection rate", "wide interval", "in gaps"],
+                         [[r["group"], r["size"], format_interval(r["metrics"]["accuracy"]), format_interval(r["metrics"]["macro_f1"]),
+                           format_interval(r["metrics"]["selection_rate"]), "yes" if r["wide"] else "",
+                           "" if r["in_gaps"] else "no"] for r in f["groups"]]),
+                  _table(["gap", "value [95% interval]"], [[k, format_interval(v)] for k, v in f["gaps"].items()]),
+                  f"<p>{html_lib.escape(f['gaps_note'])}</p>" if f["gaps_note"] else "",
                   '<img src="fairness.png">']  # fmt: skip
     if "counterfactual" in report:
         c = report["counterfactual"]
         parts += ["<h2>Counterfactual identity probes</h2>",
                   _table(["category", "largest gap [95% interval]", "between", "flip rate"],
-                         [[name, _ci(v["gap"]), f"{v['gap']['max_term']} / {v['gap']['min_term']}",
+                         [[name, format_interval(v["gap"]), f"{v['gap']['max_term']} / {v['gap']['min_term']}",
                            f"{v['flip_rate']:.3f}"] for name, v in c["categories"].items()]),
                   '<img src="counterfactual.png">']  # fmt: skip
     if "robustness" in report:
         rows = []
         for r in report["robustness"]:
-            rows.append([r["name"], r["rate"], _ci(r["drop"]) if r.get("drop") else "n/a", _ci(r["flip_rate"])])
+            rows.append(
+                [
+                    r["name"],
+                    r["rate"],
+                    format_interval(r["drop"]) if r.get("drop") else "n/a",
+                    format_interval(r["flip_rate"]),
+                ]
+            )
         parts += ["<h2>Robustness</h2>", _table(["perturbation", "rate", "accuracy drop", "flip rate"], rows),
                   '<img src="robustness.png">']  # fmt: skip
         for r in report["robustness"]:
@@ -494,7 +507,7 @@ def render_html(report: dict[str, Any]) -> str:
         f = report["functional"]
         parts += [f"<h2>Functional tests</h2><p>{f['passed']} of {f['n']} pass</p>",
                   _table(["functionality", "cases", "pass rate [95% interval]"],
-                         [[x["functionality"], x["n"], _ci(x["pass_rate"])] for x in f["functionalities"]]),
+                         [[x["functionality"], x["n"], format_interval(x["pass_rate"])] for x in f["functionalities"]]),
                   '<img src="functional.png">']  # fmt: skip
     if report.get("explanations_html"):
         parts += ["<h2>Explanations</h2>", report["explanations_html"]]

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from matplotlib.container import BarContainer
 
-from fmdist.eval.functional import functional_tests, plot_functional, wilson_interval
+from fmdist.eval.fairness import wilson_interval
+from fmdist.eval.functional import functional_tests, plot_functional
 
 LABELS = ["negative", "positive"]
 MAP = {"hateful": "negative", "non-hateful": "positive"}
