@@ -163,6 +163,12 @@ class RunConfig:
     )
     keep_checkpoints: int = _field(2, "Checkpoints kept per run (the newest ones).")
     max_failures: int = _field(0, "Worker-group restarts Ray Train attempts (each resumes from the latest checkpoint).")
+    collective_timeout_s: int = _field(
+        1800,
+        "Seconds a collective (all-reduce, barrier) waits for the other ranks before the run fails, naming "
+        "the rank that stopped taking part; the process group's timeout (Ray Train's TorchConfig timeout_s). "
+        "Raise it only if a legitimate step (a slow checkpoint to S3) takes longer.",
+    )
 
 
 PEFT_METHODS = ("none", "lora", "adalora", "ia3")
@@ -479,6 +485,7 @@ def _validate(cfg: Config, problems: list[str]) -> None:
     _validate_report(cfg.report, problems)
     positive("run.checkpoint_every_steps", r.checkpoint_every_steps, allow_none=True)
     positive("run.keep_checkpoints", r.keep_checkpoints)
+    positive("run.collective_timeout_s", r.collective_timeout_s)
     if isinstance(r.max_failures, int) and r.max_failures < 0:
         problems.append(f"run.max_failures: must be >= 0, got {r.max_failures!r}.")
 

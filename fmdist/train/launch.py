@@ -24,7 +24,7 @@ from fmdist.data.fs import aws_env, filesystem
 from fmdist.data.inputs import open_splits
 from fmdist.data.sources import PROVENANCE_FILE, Source, provenance, resolve
 from fmdist.data.stream import EpochStreams, eval_batches
-from fmdist.runtime import FAIL_AT_STEP_ENV, RECORD_ROWS_ENV, get_logger
+from fmdist.runtime import FAIL_AT_STEP_ENV, HANG_AT_STEP_ENV, RECORD_ROWS_ENV, get_logger
 from fmdist.tasks import DataInfo
 from fmdist.train import checkpoint
 
@@ -276,7 +276,7 @@ def train(
     record["hardware"] = hardware(cfg, use_gpu)
     write_run_file(cfg, PROVENANCE_FILE, json.dumps(record, indent=2, default=str))
     env_vars = aws_env() | ({} if use_gpu else {"DS_ACCELERATOR": "cpu"})
-    for drill in (FAIL_AT_STEP_ENV, RECORD_ROWS_ENV):
+    for drill in (FAIL_AT_STEP_ENV, HANG_AT_STEP_ENV, RECORD_ROWS_ENV):
         if drill in os.environ:
             env_vars[drill] = os.environ[drill]
     storage_fs, storage_path = filesystem(cfg.run.storage_path)
@@ -294,7 +294,7 @@ def train(
             "restore_from": restore_from,
             "stop_at_step": stop_at_step,
         },
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=cfg.run.collective_timeout_s),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=use_gpu,

@@ -30,7 +30,7 @@ from fmdist import tasks
 from fmdist.config import Config, freeze_labels
 from fmdist.data.stream import steps_per_epoch, total_steps
 from fmdist.eval.metrics import flat_scalars
-from fmdist.runtime import FAIL_AT_STEP_ENV, get_logger
+from fmdist.runtime import FAIL_AT_STEP_ENV, HANG_AT_STEP_ENV, get_logger
 from fmdist.tasks import Rows, Task
 from fmdist.train import adapters, checkpoint, distill
 from fmdist.train.ds_config import build_ds_config
@@ -70,9 +70,23 @@ class LoopIO:
     """After restoring, report a checksum of the restored weights (proves a PBT exploit loaded the donor's)."""
 
 
-def _init_distributed() -> tuple[int, int]:
-    import deepspeed
+def _init_distributed(timeout_s: int) -> tuple[int, int]:
+    """Join (or, in-process, create) the process group; every group made afterwards waits `timeout_s`.
 
+    Groups made with `new_group` default to torch's 30-minute timeout, not the world group's, and DeepSpeed
+    makes its own (a clone of the world group for data parallelism), so they get `timeout_s` too: whichever
+    collective a stopped rank leaves waiting fails in time. (In the hang drill, ZeRO-2 on CPU, the world
+    group's own timeout fires first; this covers the collectives that run on DeepSpeed's groups.)
+    """
+    import datetime
+
+    import deepspeed
+    import torch.distributed.distributed_c10d as c10d
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    c10d.default_pg_timeout = timeout
+    if hasattr(c10d, "default_pg_nccl_timeout"):
+        c10d.default_pg_nccl_timeout = timeout
     if not dist.is_initialized():
         # In-process use (tests, benchmarks): a one-rank group unless the env says otherwise.
         os.environ.setdefault("RANK", "0")
@@ -81,7 +95,7 @@ def _init_distributed() -> tuple[int, int]:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend)
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -158,6 +172,67 @@ def _fmt_duration(seconds: float) -> str:
 def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """The collated tensors the model takes, on the device (a task's `stats/` counters stay behind)."""
     return {k: v.to(device) for k, v in batch.items() if not k.startswith("stats/")}
+
+
+STEP_KEY = "fmdist/step"
+"""Rendezvous-store key prefix (then /RANK): the optimizer step each rank is in, for naming a hung rank."""
+
+
+def _step_store(world_size: int) -> Any:
+    """The process group's rendezvous store (a TCPStore every rank reaches), or None with one rank."""
+    if world_size < 2:
+        return None
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        return _get_default_store()
+    except (ImportError, RuntimeError, ValueError):  # private in torch; without it the error names no rank
+        return None
+
+
+def _hang_drill(rank: int) -> int | None:
+    """The step after which this rank stops taking part, from FMDIST_HANG_AT_STEP=RANK:STEP (drills)."""
+    value = os.environ.get(HANG_AT_STEP_ENV)
+    if not value:
+        return None
+    hang_rank, step = (int(part) for part in value.split(":"))
+    return step if hang_rank == rank else None
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """A collective that waited past the process group's timeout (gloo: 'Timed out waiting ...ms')."""
+    text = str(exc).lower()
+    return "timed out" in text or "timeout" in text
+
+
+def _hang_message(rank: int, world_size: int, step: int, timeout_s: int, store: Any) -> str:
+    """Which rank stopped taking part, after `step` (this rank's last finished step): the one(s) whose
+    noted step is behind the others'."""
+    steps: dict[int, int] = {}
+    for other in range(world_size):
+        key = f"{STEP_KEY}/{other}"
+        try:
+            if store is not None and store.check([key]):
+                steps[other] = int(store.get(key))
+        except (RuntimeError, ValueError):
+            pass
+    where = ""
+    if len(steps) == world_size and len(set(steps.values())) > 1:
+        ahead = max(steps.values())
+        behind = {r: s for r, s in steps.items() if s < ahead}
+        where = (
+            " waiting for " + ", ".join(f"rank {r} (last entered step {s})" for r, s in sorted(behind.items()))
+            + f"; the other ranks entered step {ahead}. That rank stopped taking part: stuck in a collective, "
+            "in a data read, or its process froze. Look at its log"
+        )  # fmt: skip
+    elif steps:
+        where = (
+            f" (steps the ranks are in: {steps}); a rank stopped taking part or is that slow. Look at the ranks' logs"
+        )
+    return (
+        f"rank {rank}: a collective after step {step} timed out after {timeout_s} s (run.collective_timeout_s){where}. "
+        "If that rank's steps are legitimately this slow (a large checkpoint to S3), raise run.collective_timeout_s."
+    )
 
 
 def average_buffers(module: torch.nn.Module) -> None:
@@ -280,7 +355,7 @@ def fit(cfg: Config, io: LoopIO) -> dict[str, Any]:
     timings = dict(io.timings)
     if io.launch_time is not None:
         timings["worker_group_s"] = time.time() - io.launch_time - sum(io.timings.values())
-    rank, world_size = _init_distributed()
+    rank, world_size = _init_distributed(cfg.run.collective_timeout_s)
     log = get_logger("fmdist.train", rank)
     _check_same_config_on_all_ranks(cfg, rank)
     task = tasks.get(cfg.model.task)
@@ -417,60 +492,80 @@ def fit(cfg: Config, io: LoopIO) -> dict[str, Any]:
     last_train_loss = first_train_loss = float("nan")
     first_step_end = train_start
 
-    # With `epochs`, stop after the last epoch; with `max_steps`, run as many epochs as it takes.
-    while progress.step < end_step and (cfg.train.max_steps is not None or progress.epoch < cfg.train.epochs):
-        epoch_iters = _joined(iter(io.train_batches(progress.epoch)), device)
-        while progress.step < end_step:
-            rows = next(epoch_iters, _EPOCH_OVER)
-            if rows is _EPOCH_OVER:
-                if progress.iters_in_epoch % accum == 0:
-                    break  # every rank is out of data and no accumulation is pending
-                rows = None  # finish the pending accumulation with placeholders, so epochs end on a step
-            # A rank out of data (or the epoch's last, partial accumulation) runs a zero-weight
-            # placeholder so that every rank takes part in every collective and every step.
-            seed = iter_seed(cfg.train.seed, rank, progress.epoch, progress.iters_in_epoch)
-            collated = task.collate(rows or placeholder, processor, cfg, seed)
-            batch = model_inputs(collated, device)
-            if rows is None:
-                # Eval mode: the placeholder leaves no trace (no BatchNorm statistics, no dropout RNG draws).
-                engine.module.eval()
-                loss = training_loss(engine, batch) * 0.0
-                engine.module.train()
-            else:
-                loss = training_loss(engine, batch)
-                _add_to_window(window, loss, batch, collated)
-            engine.backward(loss)
-            if (progress.iters_in_epoch + 1) % accum == 0:
-                # AdaLoRA's rank allocation reads this step's gradients, which engine.step() clears.
-                adapters.after_step(engine.module, progress.step + 1)
-            engine.step()  # DeepSpeed applies the optimizer only at accumulation boundaries
-            progress.iters_in_epoch += 1
-            if progress.iters_in_epoch % accum:
-                continue
-            progress.step += 1
-            if fail_at_step == progress.step:
-                raise RuntimeError(f"{FAIL_AT_STEP_ENV}={progress.step}: injected failure after step {progress.step}")
-            if progress.step == start_step + 1:
-                first_step_end = time.perf_counter()
-                timings["first_step_s"] = first_step_end - train_start
-                timings["time_to_first_step_s"] = first_step_end - t_enter + timings.get("worker_group_s", 0.0)
-            if progress.step % cfg.train.log_every_steps == 0 or progress.step == end_step:
-                last_train_loss = _log_window(window, log, progress, num_steps, end_step, engine, start_step,
-                                              train_start, stats_total)  # fmt: skip
-                if math.isnan(first_train_loss):
-                    first_train_loss = last_train_loss
-            do_eval = cfg.train.eval_every_steps is not None and progress.step % cfg.train.eval_every_steps == 0
-            do_ckpt = checkpoint_every is not None and progress.step % checkpoint_every == 0
-            if progress.step < end_step and do_eval:
-                evaluate_and_report(do_ckpt or checkpoint_every is None, last_train_loss)
-            elif progress.step < end_step and do_ckpt:
-                checkpoint_and_report({"train/loss": last_train_loss}, save=True)
-        if progress.step >= end_step:
-            break
-        progress.epoch += 1
-        progress.iters_in_epoch = 0
-        if cfg.train.eval_every_steps is None and progress.step < end_step:
-            evaluate_and_report(checkpoint_every is None, last_train_loss)
+    # A rank that stops taking part makes the others' next collective time out (run.collective_timeout_s):
+    # each rank notes the step it enters in the rendezvous store, so the error can name the one behind.
+    store = _step_store(world_size)
+    hang_at = _hang_drill(rank)
+    if store is not None:
+        store.set(f"{STEP_KEY}/{rank}", str(progress.step + 1))
+    try:
+        # With `epochs`, stop after the last epoch; with `max_steps`, run as many epochs as it takes.
+        while progress.step < end_step and (cfg.train.max_steps is not None or progress.epoch < cfg.train.epochs):
+            epoch_iters = _joined(iter(io.train_batches(progress.epoch)), device)
+            while progress.step < end_step:
+                rows = next(epoch_iters, _EPOCH_OVER)
+                if rows is _EPOCH_OVER:
+                    if progress.iters_in_epoch % accum == 0:
+                        break  # every rank is out of data and no accumulation is pending
+                    rows = None  # finish the pending accumulation with placeholders, so epochs end on a step
+                # A rank out of data (or the epoch's last, partial accumulation) runs a zero-weight
+                # placeholder so that every rank takes part in every collective and every step.
+                seed = iter_seed(cfg.train.seed, rank, progress.epoch, progress.iters_in_epoch)
+                collated = task.collate(rows or placeholder, processor, cfg, seed)
+                batch = model_inputs(collated, device)
+                if rows is None:
+                    # Eval mode: the placeholder leaves no trace (no BatchNorm statistics, no dropout RNG draws).
+                    engine.module.eval()
+                    loss = training_loss(engine, batch) * 0.0
+                    engine.module.train()
+                else:
+                    loss = training_loss(engine, batch)
+                    _add_to_window(window, loss, batch, collated)
+                engine.backward(loss)
+                if (progress.iters_in_epoch + 1) % accum == 0:
+                    # AdaLoRA's rank allocation reads this step's gradients, which engine.step() clears.
+                    adapters.after_step(engine.module, progress.step + 1)
+                engine.step()  # DeepSpeed applies the optimizer only at accumulation boundaries
+                progress.iters_in_epoch += 1
+                if progress.iters_in_epoch % accum:
+                    continue
+                progress.step += 1
+                if fail_at_step == progress.step:
+                    raise RuntimeError(
+                        f"{FAIL_AT_STEP_ENV}={progress.step}: injected failure after step {progress.step}"
+                    )
+                if hang_at == progress.step:
+                    log.warning("%s: rank %d stops taking part after step %d (a drill)", HANG_AT_STEP_ENV, rank,
+                                progress.step)  # fmt: skip
+                    while True:
+                        time.sleep(60)
+                if store is not None:
+                    store.set(f"{STEP_KEY}/{rank}", str(progress.step + 1))  # the step this rank enters next
+                if progress.step == start_step + 1:
+                    first_step_end = time.perf_counter()
+                    timings["first_step_s"] = first_step_end - train_start
+                    timings["time_to_first_step_s"] = first_step_end - t_enter + timings.get("worker_group_s", 0.0)
+                if progress.step % cfg.train.log_every_steps == 0 or progress.step == end_step:
+                    last_train_loss = _log_window(window, log, progress, num_steps, end_step, engine, start_step,
+                                                  train_start, stats_total)  # fmt: skip
+                    if math.isnan(first_train_loss):
+                        first_train_loss = last_train_loss
+                do_eval = cfg.train.eval_every_steps is not None and progress.step % cfg.train.eval_every_steps == 0
+                do_ckpt = checkpoint_every is not None and progress.step % checkpoint_every == 0
+                if progress.step < end_step and do_eval:
+                    evaluate_and_report(do_ckpt or checkpoint_every is None, last_train_loss)
+                elif progress.step < end_step and do_ckpt:
+                    checkpoint_and_report({"train/loss": last_train_loss}, save=True)
+            if progress.step >= end_step:
+                break
+            progress.epoch += 1
+            progress.iters_in_epoch = 0
+            if cfg.train.eval_every_steps is None and progress.step < end_step:
+                evaluate_and_report(checkpoint_every is None, last_train_loss)
+    except RuntimeError as exc:
+        if not _timed_out(exc):
+            raise
+        raise RuntimeError(_hang_message(rank, world_size, progress.step, cfg.run.collective_timeout_s, store)) from exc
 
     # ---- summary: throughput, start-up timings, a last evaluation and checkpoint
     now = time.perf_counter()

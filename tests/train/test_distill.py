@@ -22,7 +22,7 @@ from transformers import (
 
 from fmdist.config import from_dict
 from fmdist.train import export
-from fmdist.train.checkpoint import CHECKPOINT_PREFIX, STATE_FILE
+from fmdist.train.checkpoint import CHECKPOINT_PREFIX, STATE_FILE, write_manifest
 from fmdist.train.distill import (
     build_student,
     distillation_loss,
@@ -321,8 +321,10 @@ def test_teacher_dir_refuses_what_is_neither_a_model_nor_a_run(tmp_path):
 def test_teacher_dir_exports_a_run_directory_into_scratch(tmp_path, monkeypatch):
     """A run directory (checkpoints, no config.json) goes through `fmdist export` into scratch/teacher. The
     export itself is stubbed: it needs a trained run, which the export and e2e tests already make."""
-    (tmp_path / "run" / f"{CHECKPOINT_PREFIX}000002").mkdir(parents=True)
-    (tmp_path / "run" / f"{CHECKPOINT_PREFIX}000002" / STATE_FILE).write_text("{}")
+    checkpoint = tmp_path / "run" / f"{CHECKPOINT_PREFIX}000002"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / STATE_FILE).write_text('{"world_size": 1}')
+    write_manifest(checkpoint, rank=0)  # complete, as a finished save leaves it
     calls = []
 
     def fake_export(run_or_checkpoint: str, out_dir: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -194,3 +195,28 @@ def test_distilling_from_a_run_directory_on_two_workers(zero3_run, sentiment_dat
     summary = run(raw)
     assert summary["step"] == 40 and summary["eval"]["num_examples"] == 64
     assert summary["eval/accuracy"] >= zero3_run["summary"]["eval/accuracy"] - 0.05, summary["eval/accuracy"]
+
+
+@pytest.mark.slow
+def test_a_rank_that_stops_taking_part_fails_the_run_naming_it(sentiment_data, module_tmp):
+    """Rank 1 stops after step 3 (FMDIST_HANG_AT_STEP=1:3, as a rank stuck in a collective would): rank 0's
+    next collective times out after run.collective_timeout_s and the run fails naming rank 1, instead of
+    waiting Ray's default 30 minutes. The run is a `fmdist train` process joined to this session's Ray, so
+    that the subprocess timeout bounds a regression (a hang fails the test, it cannot stall CI)."""
+    import subprocess
+    import sys
+
+    import ray
+    import yaml
+
+    from fmdist.runtime import HANG_AT_STEP_ENV
+
+    config = module_tmp / "hung.yaml"
+    config.write_text(yaml.safe_dump(_raw(sentiment_data, module_tmp, "hung", collective_timeout_s=20)))
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, HANG_AT_STEP_ENV: "1:3"}
+    done = subprocess.run([sys.executable, "-m", "fmdist.cli", "train", str(config)], env=env,
+                          capture_output=True, text=True, timeout=420)  # fmt: skip
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output[-3000:]
+    assert re.search(r"rank 0: a collective after step 3 timed out after 20 s.*waiting for rank 1 "
+                     r"\(last entered step 3\); the other ranks entered step 4", output), output[-3000:]  # fmt: skip
