@@ -305,12 +305,14 @@ def tune_run(cfg: Config, resume: bool = False) -> dict[str, Any]:
     t0 = time.perf_counter()
     results = tuner.fit()
     search_wall_s = time.perf_counter() - t0
-    # A trial that ended (completed or stopped by its scheduler) has done=True in its last result; one
-    # stopped by an interrupt has not, and trials the searcher never started are missing altogether.
+    # A trial that ended (completed, stopped by its scheduler, or errored) is TERMINATED or ERROR; one
+    # stopped by an interrupt is not, and trials the searcher never started are missing altogether. (Not
+    # `done` in the last result: Tune may save a finished trial's state before that flag is set, so a
+    # trial restored by --resume can lack it; seen in CI.)
     expected = cfg.tune.num_samples * math.prod(
         len(spec["grid"]) for spec in cfg.tune.search_space.values() if "grid" in spec
     )
-    ended = sum(1 for r in results if r.error is not None or (r.metrics or {}).get("done"))
+    ended = results.num_terminated + results.num_errors
     if ended < expected:
         raise SearchInterrupted(
             f"search {run_dir} stopped with {ended} of {expected} trial(s) ended; its state is "
