@@ -43,6 +43,12 @@ Z_95 = 1.959963984540054
 """The standard normal quantile of 0.975: the Wilson interval's 95%."""
 
 
+def percentile_interval(samples: Any) -> list[float]:
+    """The 95% percentile interval of bootstrap samples (every section's intervals, unless named otherwise)."""
+    low, high = np.quantile(samples, QUANTILES)
+    return [float(low), float(high)]
+
+
 def wilson_interval(passed: int, n: int) -> list[float]:
     """The 95% Wilson score interval of a proportion `passed / n` (honest at 0/n and n/n and for small n)."""
     if n == 0:
@@ -212,7 +218,7 @@ def group_metrics(
                 "value": float(ratio["selection_rate"]),
                 "ci": _interval(ratio_ci[0]["selection_rate"], ratio_ci[1]["selection_rate"]),
             },
-            "equalized_odds_difference": {"value": eod, "ci": _interval(*np.quantile(eod_samples, QUANTILES))},
+            "equalized_odds_difference": {"value": eod, "ci": percentile_interval(eod_samples)},
             "accuracy_difference": {
                 "value": float(difference["accuracy"]),
                 "ci": _interval(difference_ci[0]["accuracy"], difference_ci[1]["accuracy"]),

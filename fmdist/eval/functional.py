@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from fmdist.eval.fairness import QUANTILES, wilson_interval
+from fmdist.eval.fairness import percentile_interval, wilson_interval
 
 DEFAULT_COLUMNS = {"text": "test_case", "label": "label_gold", "functionality": "functionality"}
 """The CSV's columns by role, as HateCheck names them; `columns` overrides any of them."""
@@ -88,8 +88,7 @@ def _stratified_bootstrap(passed: np.ndarray, strata: np.ndarray, n_boot: int, s
     for stratum in np.unique(strata):
         values = passed[strata == stratum]
         totals += values[rng.integers(0, len(values), size=(n_boot, len(values)))].sum(axis=1)
-    low, high = np.quantile(totals / len(passed), QUANTILES)
-    return [float(low), float(high)]
+    return percentile_interval(totals / len(passed))
 
 
 def functional_tests(

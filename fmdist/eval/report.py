@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from fmdist.config import ReportConfig
-from fmdist.eval.fairness import format_interval
+from fmdist.eval.fairness import format_interval, percentile_interval
 from fmdist.runtime import get_logger
 
 log = get_logger("fmdist.report")
@@ -119,7 +119,7 @@ def bootstrap_interval(correct: np.ndarray, n_boot: int, seed: int) -> list[floa
     """The 95% percentile interval of a mean over seeded resamples of the rows."""
     rng = np.random.default_rng(seed)
     means = correct[rng.integers(0, len(correct), (n_boot, len(correct)))].mean(axis=1)
-    return [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]
+    return percentile_interval(means)
 
 
 def evaluation(y_true: np.ndarray, y_pred: np.ndarray, label_names: list[str], n_boot: int, seed: int) -> dict:
@@ -372,8 +372,7 @@ def _token_sections(
         for name in samples:
             samples[name].append(resampled[name])
     metrics["intervals"] = {
-        name: {"value": float(metrics[name]), "ci": [float(np.quantile(v, 0.025)), float(np.quantile(v, 0.975))]}
-        for name, v in samples.items()
+        name: {"value": float(metrics[name]), "ci": percentile_interval(v)} for name, v in samples.items()
     }
     metrics["size"] = len(words)
     report["evaluation"] = metrics

@@ -56,7 +56,7 @@ from typing import Any
 
 import numpy as np
 
-from fmdist.eval.fairness import QUANTILES
+from fmdist.eval.fairness import QUANTILES, percentile_interval
 
 Perturbation = Callable[[str, float, random.Random], str]
 
@@ -317,11 +317,6 @@ def perturb(
     return [text if rate == 0 else function(text, rate, random.Random(f"{seed}:{i}")) for i, text in enumerate(texts)]
 
 
-def _interval(samples: np.ndarray) -> list[float]:
-    low, high = np.quantile(samples, QUANTILES)
-    return [float(low), float(high)]
-
-
 def _macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_labels: int) -> np.ndarray:
     """Macro-F1 of each row of [resamples, n] label arrays, as sklearn's f1_score with every label listed
     and zero_division=0: a label never true nor predicted counts as F1 0."""
@@ -476,7 +471,7 @@ def robustness(
             "perturbed": None,
             "drop": None,
             "macro_f1": None,
-            "flip_rate": {"value": len(flips) / len(texts), "ci": _interval(samples["flip_rate"])},
+            "flip_rate": {"value": len(flips) / len(texts), "ci": percentile_interval(samples["flip_rate"])},
             "n_boot": n_boot,
             "interval": list(QUANTILES),
         }
@@ -484,11 +479,14 @@ def robustness(
             clean_accuracy, perturbed_accuracy = float((clean == y_true).mean()), float((perturbed == y_true).mean())
             clean_f1, perturbed_f1 = macro_f1(clean), macro_f1(perturbed)
             record["clean"], record["perturbed"] = clean_accuracy, perturbed_accuracy
-            record["drop"] = {"value": clean_accuracy - perturbed_accuracy, "ci": _interval(samples["accuracy"])}
+            record["drop"] = {
+                "value": clean_accuracy - perturbed_accuracy,
+                "ci": percentile_interval(samples["accuracy"]),
+            }
             record["macro_f1"] = {
                 "clean": clean_f1,
                 "perturbed": perturbed_f1,
-                "drop": {"value": clean_f1 - perturbed_f1, "ci": _interval(samples["macro_f1"])},
+                "drop": {"value": clean_f1 - perturbed_f1, "ci": percentile_interval(samples["macro_f1"])},
             }
         # The flips that cost the clean prediction the most probability are the most telling.
         lost = clean_scores[flips, clean[flips]] - scores[flips, clean[flips]]
