@@ -308,13 +308,21 @@ def _explanations(
     cases = _explain_cases(texts, y_true, y_pred, report.get("counterfactual"), settings.explain, settings.seed)
     log.info("report: explaining %d cases (Integrated Gradients)", len(cases))
     explained = explain.explain_texts(model, tokenizer, [text for _, text in cases])
+    for (kind, _), e in zip(cases, explained, strict=True):
+        e["kind"] = kind
+    _write_explanations(report, explained, out, "Integrated Gradients")
+
+
+def _write_explanations(report: dict[str, Any], explained: list[dict[str, Any]], out: Path, title: str) -> None:
+    """A PNG heat map per explained text (explanations/NN.png) and the report's explanation entries."""
+    from fmdist.eval import explain
+
     (out / EXPLANATION_DIR).mkdir(exist_ok=True)
-    for i, ((kind, _), e) in enumerate(zip(cases, explained, strict=True)):
-        png = f"{EXPLANATION_DIR}/{i:02d}.png"
-        explain.heatmap_png(e, str(out / png))
-        e.update(kind=kind, png=png)
+    for i, e in enumerate(explained):
+        e["png"] = f"{EXPLANATION_DIR}/{i:02d}.png"
+        explain.heatmap_png(e, str(out / e["png"]))
     report["explanations"] = explained
-    report["explanations_html"] = explain.html(explained, "Integrated Gradients")
+    report["explanations_html"] = explain.html(explained, title)
 
 
 def _token_sections(
@@ -394,17 +402,13 @@ def _token_sections(
     cases += [("wrong", c) for c in pick.sample(wrong, min(settings.explain, len(wrong)))]
     log.info("report: explaining %d entities (Integrated Gradients)", len(cases))
     explained = []
-    (out / EXPLANATION_DIR).mkdir(exist_ok=True)
-    for n, (kind, (i, (entity_type, first, last))) in enumerate(cases):
+    for kind, (i, (entity_type, first, last)) in cases:
         entity = {"start_word": first, "end_word": last, "label": entity_type}
         (e,) = explain.explain_entities(model, tokenizer, words[i][: len(predicted[i])], [entity],
                                         max_length=max_length)  # fmt: skip
-        png = f"{EXPLANATION_DIR}/{n:02d}.png"
-        explain.heatmap_png(e, str(out / png))
-        e.update(kind=kind, png=png, gold=" ".join(tags[i][first : last + 1]))
+        e.update(kind=kind, gold=" ".join(tags[i][first : last + 1]))
         explained.append(e)
-    report["explanations"] = explained
-    report["explanations_html"] = explain.html(explained, "Integrated Gradients per entity")
+    _write_explanations(report, explained, out, "Integrated Gradients per entity")
 
 
 def _image_sections(
