@@ -47,10 +47,10 @@ STATE_FILE = "fmdist_state.json"
 HF_DIR = "hf"
 CHECKPOINT_PREFIX = "checkpoint_step_"
 MANIFEST_PREFIX = "manifest_rank"
-
-log = get_logger("fmdist")
 FORCE_WEIGHTS_ONLY_ENV = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 _FORCE_NO_WEIGHTS_ONLY_ENV = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+
+log = get_logger("fmdist")
 
 
 def _deepspeed_safe_types() -> list[type]:
@@ -168,13 +168,7 @@ def _load_data_state(directory: Path, rank: int) -> dict[str, Any] | None:
     if state is None:
         return None  # written by a caller without a stream (in-process tests, benchmarks)
     for j, slot in enumerate(state["slots"]):
-        window_file = directory / f"data_rank{rank}_slot{j}.arrow"
-        if not window_file.is_file():
-            raise RuntimeError(
-                f"checkpoint {directory} is missing {window_file.name}; it is incomplete. Delete it to resume "
-                "from an older one."
-            )
-        with pa.memory_map(str(window_file)) as source:
+        with pa.memory_map(str(directory / f"data_rank{rank}_slot{j}.arrow")) as source:
             table = pa.ipc.open_file(source).read_all()
         columns = [table.column(c).to_pylist() for c in slot["columns"]] if table.num_rows else []
         slot["window"] = list(zip(*columns, strict=True)) if columns else []
@@ -296,8 +290,8 @@ def read_meta(directory: str) -> dict[str, Any]:
 def load(engine: Any, directory: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Restore model, optimizer, scheduler and RNG on this rank; returns (client state, stream position).
 
-    Every rank must find its own files: a missing one is an error naming it, never a silent
-    fallback (that would replay or skip rows).
+    Every rank must find its own files (checked against the manifests): a missing one is an error naming it,
+    never a silent fallback (that would replay or skip rows).
     """
     rank, world_size = dist.get_rank(), dist.get_world_size()
     meta = read_meta(directory)
@@ -331,11 +325,6 @@ def load(engine: Any, directory: str) -> tuple[dict[str, Any], dict[str, Any] | 
             raise RuntimeError(f"checkpoint {directory} could not be read on rank {rank}: {exc}") from exc
     if load_path is None:
         raise RuntimeError(f"checkpoint {directory} could not be read on rank {rank}: no DeepSpeed shard for {DS_TAG}.")
-    for name in (f"rng_rank{rank}.json", f"data_rank{rank}.json"):
-        if not (Path(directory) / name).is_file():
-            raise RuntimeError(
-                f"checkpoint {directory} is missing {name}; it is incomplete. Delete it to resume from an older one."
-            )
     _set_rng_state(json.loads((Path(directory) / f"rng_rank{rank}.json").read_text()))
     return client_state, _load_data_state(Path(directory), rank)
 
