@@ -200,9 +200,11 @@ def _hang_drill(rank: int) -> int | None:
 
 
 def _timed_out(exc: BaseException) -> bool:
-    """A collective that waited past the process group's timeout (gloo: 'Timed out waiting ...ms')."""
+    """A collective that waited past the process group's timeout: gloo's 'Timed out waiting ...ms for
+    recv' or NCCL's watchdog 'collective operation timeout'. Only these: an S3 read that timed out is
+    the data's error, not a stopped rank, and keeps its own message."""
     text = str(exc).lower()
-    return "timed out" in text or "timeout" in text
+    return "timed out waiting" in text or "collective operation timeout" in text
 
 
 def _hang_message(rank: int, world_size: int, step: int, timeout_s: int, store: Any) -> str:
