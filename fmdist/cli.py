@@ -196,22 +196,22 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-REPORT_FLAGS = {
-    "text_column": "text_column",
-    "label_column": "label_column",
-    "group_column": "group_column",
-    "identity_category": "identity_category",
-    "positive_label": "positive_label",
-    "probes": "probes",
-    "functional": "functional",
-    "n_boot": "n_boot",
-    "min_group_size": "min_group_size",
-    "seed": "seed",
-    "explain": "explain",
-    "max_rows": "max_rows",
-    "intended_use": "intended_use",
-}
-"""`fmdist report` flags (argparse names) -> the `report:` keys they set over --config."""
+REPORT_FLAGS = (
+    "text_column",
+    "label_column",
+    "group_column",
+    "identity_category",
+    "positive_label",
+    "probes",
+    "functional",
+    "n_boot",
+    "min_group_size",
+    "seed",
+    "explain",
+    "max_rows",
+    "intended_use",
+)
+"""`fmdist report` flags that set the `report:` key of the same name over --config."""
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -225,9 +225,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         raw = yaml.safe_load(Path(args.config).read_text()) or {}
         raw = raw.get("report", raw) if isinstance(raw, dict) else raw
     raw = dict(raw)
-    for flag, key in REPORT_FLAGS.items():
-        if getattr(args, flag) is not None:
-            raw[key] = getattr(args, flag)
+    for key in REPORT_FLAGS:
+        if getattr(args, key) is not None:
+            raw[key] = getattr(args, key)
     if args.label_map is not None:
         try:
             raw["label_map"] = json.loads(args.label_map)
