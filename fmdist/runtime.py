@@ -12,6 +12,10 @@ HANG_AT_STEP_ENV = "FMDIST_HANG_AT_STEP"
 """Fault injection for hang drills: RANK:STEP makes that rank stop taking part after that step (it sleeps
 and never enters another collective), as a rank stuck in a collective or a frozen process would."""
 
+KILL_AT_STEP_ENV = "FMDIST_KILL_AT_STEP"
+"""Fault injection for worker-loss drills: RANK:STEP makes that rank's process SIGKILL itself after that
+step of a fresh (not resumed) run, as the OOM killer or a lost node would: no exception, no clean-up."""
+
 RECORD_ROWS_ENV = "FMDIST_RECORD_ROWS"
 """Row recording for drills and tests: a directory where every worker appends the row ids it trains on
 (one JSON line per real micro-batch, to rows_rank{r}.jsonl), so a test can check rows seen exactly once."""

@@ -3,11 +3,13 @@ harness the in-process tests share."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from fmdist.config import Config
 from fmdist.data.sources import Source
 from fmdist.data.stream import EpochStreams, eval_batches
+from fmdist.train.checkpoint import read_meta, resume_layout
 from fmdist.train.loop import LoopIO, fit
 
 
@@ -18,13 +20,24 @@ def run_in_process(
     evaluation: Source | None = None,
     stop: int | None = None,
     restore: str | None = None,
+    record: list[dict[str, list]] | None = None,
 ) -> tuple[dict[str, Any], list[tuple[dict[str, Any], str | None]]]:
-    """Train one rank per `cfg` (optionally pausing at `stop`, or resuming from `restore`); returns
-    the summary and every report (metrics, checkpoint directory) in order."""
+    """Train one rank per `cfg` (optionally pausing at `stop`, or resuming from `restore`, which may have
+    been written by another worker count); returns the summary and every report (metrics, checkpoint
+    directory) in order. `record` gets every micro-batch of rows the loop trains."""
+    if restore is not None:  # possibly written by another worker count
+        cfg = resume_layout(cfg, read_meta(restore), world_size=1)
     stream = EpochStreams(cfg, train, rank=0, world_size=1)
     reports: list[tuple[dict[str, Any], str | None]] = []
+
+    def batches(epoch: int) -> Iterator[dict[str, list] | None]:
+        for rows in stream.batches(epoch):
+            if rows is not None and record is not None:
+                record.append(rows)
+            yield rows
+
     io = LoopIO(
-        train_batches=stream.batches,
+        train_batches=batches,
         iters_per_epoch=stream.iters_per_epoch,
         num_train_rows=train.manifest["total_rows"],
         report=lambda metrics, path: reports.append((metrics, path)),

@@ -13,6 +13,12 @@ A checkpoint counts only when complete: every rank's manifest is there and every
 matches (`problems`). Ray uploads a checkpoint's files in no set order, so no single file written
 last can say that the rest arrived.
 
+A checkpoint resumes on another worker count when the count divides its *slots* (workers x gradient
+accumulation, data/stream.py): `resume_layout` keeps the slots, and so the global batch and every
+row's place in the epoch, by changing the accumulation; `load` then gives each new rank the stream
+positions of the slots it now owns, and DeepSpeed's ZeRO partitions are re-cut through its universal
+checkpoint (fp32 weights, Adam moments and step; the LR schedule and fmdist's state come along).
+
 A checkpoint must not be able to run code: every torch file in it is read inside
 `weights_only_loads`, DeepSpeed's own loads included (see there).
 
@@ -21,13 +27,18 @@ Every function takes what it needs as arguments; nothing here knows about Ray or
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import dataclasses
 import hashlib
+import io
 import json
 import os
 import pickle
 import random
 import re
+import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,6 +50,7 @@ import pyarrow.fs as pafs
 import torch
 import torch.distributed as dist
 
+from fmdist.config import Config
 from fmdist.data.fs import filesystem
 from fmdist.runtime import get_logger
 
@@ -287,46 +299,177 @@ def read_meta(directory: str) -> dict[str, Any]:
     return json.loads(state_file.read_text())
 
 
+def layout(meta: dict[str, Any]) -> tuple[int, int]:
+    """(workers, gradient accumulation) of the run that wrote a checkpoint; their product is its slots."""
+    return int(meta["world_size"]), int(meta["config"]["train"]["gradient_accumulation_steps"])
+
+
+def resume_layout(cfg: Config, meta: dict[str, Any], world_size: int) -> Config:
+    """`cfg` laid out to resume the checkpoint described by `meta` on `world_size` workers.
+
+    The slots (workers x accumulation) stay the checkpoint's, so the global batch, the steps per epoch,
+    the LR schedule and the rows of every step stay the uninterrupted run's; only the gradient
+    accumulation changes, announced. A worker count that does not divide the slots is refused (the
+    shards of a slot cannot be split exactly), naming the counts that fit.
+    """
+    workers, accumulation = layout(meta)
+    slots = workers * accumulation
+    if world_size * cfg.train.gradient_accumulation_steps == slots:
+        return cfg
+    if slots % world_size:
+        fits = [n for n in range(1, slots + 1) if slots % n == 0]
+        raise RuntimeError(
+            f"the checkpoint to resume was written by {workers} worker(s) x gradient accumulation "
+            f"{accumulation} = {slots} data slots, and {world_size} worker(s) cannot share {slots} slots "
+            f"evenly, so the epoch's remaining rows cannot be split without repeating or skipping some. "
+            f"Resume with scaling.num_workers set to one of {fits}."
+        )
+    new = slots // world_size
+    log.warning("resuming a checkpoint of %d worker(s) x accumulation %d on %d worker(s): gradient accumulation "
+                "%d -> %d keeps the global batch (%d rows) and every row's place in the epoch", workers,
+                accumulation, world_size, cfg.train.gradient_accumulation_steps, new,
+                slots * cfg.train.micro_batch_size)  # fmt: skip
+    return dataclasses.replace(
+        cfg,
+        train=dataclasses.replace(cfg.train, gradient_accumulation_steps=new),
+        scaling=dataclasses.replace(cfg.scaling, num_workers=world_size),
+    )
+
+
+def needs_universal(directory: str, world_size: int) -> bool:
+    """Whether resuming `directory` on `world_size` workers must re-cut DeepSpeed's partitioned optimizer
+    state (ZeRO >= 1, or a bf16/fp16 optimizer's per-rank fp32 copy): then the engine must be built
+    with `checkpoint.load_universal` and `load` converts the checkpoint first."""
+    workers, _ = layout(read_meta(directory))
+    return workers != world_size and any((Path(directory) / DS_TAG).glob("*optim_states.pt"))
+
+
+def _universal_copy(directory: str) -> tuple[str, bool]:
+    """Collective: DeepSpeed's universal form of `directory` (ds_to_universal), made once per machine
+    and directory in a temporary directory; returns (its root, whether this rank made it and so
+    removes it). A failed conversion raises on every rank, naming the rank and the cause."""
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    key = f"{socket.gethostname()}:{os.path.realpath(directory)}"
+    keys: list[str | None] = [None] * world_size
+    dist.all_gather_object(keys, key)
+    maker = keys.index(key)
+    made: str | None = None
+    if rank == maker:
+        made = tempfile.mkdtemp(prefix="fmdist-universal-")
+        args = argparse.Namespace(
+            input_folder=f"{directory}/{DS_TAG}", output_folder=f"{made}/{DS_TAG}", num_extract_workers=1,
+            num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True,
+        )  # fmt: skip
+        chatter = io.StringIO()  # its prints and progress bars; kept for the error
+        try:
+            with (
+                weights_only_loads(directory),
+                contextlib.redirect_stdout(chatter),
+                contextlib.redirect_stderr(chatter),
+            ):
+                ds_to_universal(args)
+        except Exception as exc:  # every rank must hear of it, or the others wait in the gather below
+            shutil.rmtree(made, ignore_errors=True)
+            made = f"error: rank {rank} could not convert {directory} to a universal checkpoint: {exc!r}"
+    paths: list[str | None] = [None] * world_size
+    dist.all_gather_object(paths, made)
+    path = paths[maker]
+    if path is None or path.startswith("error: "):
+        raise RuntimeError(f"{path.removeprefix('error: ') if path else 'no universal checkpoint'}. Resume it on "
+                           "the worker count that wrote it instead.")  # fmt: skip
+    return path, rank == maker
+
+
+def _repair_zero3_universal_load(engine: Any, universal_root: str) -> None:
+    """Undo two shortcuts of DeepSpeed 0.19's ZeRO-3 universal load (stage3.py,
+    `load_hp_checkpoint_state_from_checkpoint_dir_stage3`) that make a resume drift from the run it continues:
+    - it gives every param group the first group's hyperparameters, so biases and norms would start
+      to decay: each group gets its own back from the checkpoint;
+    - it puts one shared `step` tensor into every group's Adam state, and AdamW increments it in place
+      once per group, so bias correction ran ahead by a step per extra group: each gets its own copy.
+    """
+    saved = torch.load(f"{universal_root}/{DS_TAG}/zero/optimizer_state.pt", weights_only=True)
+    groups = saved["optimizer_state_dict"]["param_groups"]
+    live = engine.optimizer.optimizer.param_groups
+    if len(groups) != len(live):
+        raise RuntimeError(f"the universal checkpoint has {len(groups)} optimizer param groups, the run {len(live)}")
+    for group, kept in zip(live, groups, strict=True):
+        group.update({k: v for k, v in kept.items() if k != "params"})
+    for state in engine.optimizer.optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
 def load(engine: Any, directory: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Restore model, optimizer, scheduler and RNG on this rank; returns (client state, stream position).
 
     Every rank must find its own files (checked against the manifests): a missing one is an error naming it,
-    never a silent fallback (that would replay or skip rows).
+    never a silent fallback (that would replay or skip rows). On another worker count (`resume_layout`
+    first), each rank gets the stream positions of the slots it now owns.
     """
     rank, world_size = dist.get_rank(), dist.get_world_size()
     meta = read_meta(directory)
-    # Each rank checks the files it reads (its own and rank 0's); all learn of any problem, so no rank
-    # goes on into DeepSpeed's collective load alone.
+    workers, accumulation = layout(meta)
+    accumulation_now = engine.gradient_accumulation_steps()
+    if workers * accumulation != world_size * accumulation_now:
+        raise RuntimeError(
+            f"checkpoint {directory} has {workers * accumulation} data slots ({workers} worker(s) x accumulation "
+            f"{accumulation}) but this run has {world_size} x {accumulation_now}; lay the run out with "
+            "checkpoint.resume_layout before building the engine."
+        )
+    elastic = workers != world_size
+    # Each rank checks the files it reads (its own and rank 0's; every rank's on another worker count);
+    # all learn of any problem, so no rank goes on into DeepSpeed's collective load alone.
     found: list[list[str]] = [[] for _ in range(world_size)]
-    dist.all_gather_object(found, problems(directory, ranks=sorted({0, rank}), deep=True))
+    dist.all_gather_object(found, problems(directory, ranks=None if elastic else sorted({0, rank}), deep=True))
     wrong = sorted({line for lines in found for line in lines})
     if wrong:
         raise RuntimeError(
             f"checkpoint {directory} is incomplete or damaged: {'; '.join(wrong)}. Delete it to resume "
             "from the previous complete one."
         )
-    if meta["world_size"] != world_size:
-        raise RuntimeError(
-            f"checkpoint {directory} was written by {meta['world_size']} worker(s) but this run has {world_size}; "
-            f"each worker's data-stream position belongs to its own share of the shards, so resuming on another "
-            f"worker count would repeat or skip rows. Set scaling.num_workers={meta['world_size']} to resume it."
-        )
-    with weights_only_loads(directory):
-        try:
-            load_path, client_state = engine.load_checkpoint(
-                directory,
-                tag=DS_TAG,
-                load_optimizer_states=True,
-                load_lr_scheduler_states=True,
-                # A trainable-only checkpoint lacks the frozen base, which the run has rebuilt.
-                load_module_strict=not meta.get("trainable_only", False),
-            )
-        except (OSError, RuntimeError, KeyError, EOFError) as exc:
-            raise RuntimeError(f"checkpoint {directory} could not be read on rank {rank}: {exc}") from exc
+    source, made = directory, False
+    if needs_universal(directory, world_size):
+        source, made = _universal_copy(directory)
+        if rank == 0:
+            log.info("resuming %d worker(s)' ZeRO-%d checkpoint on %d: DeepSpeed universal checkpoint (fp32 "
+                     "weights, Adam moments and step re-partitioned)", workers, meta["zero_stage"], world_size)  # fmt: skip
+    try:
+        with weights_only_loads(directory):
+            try:
+                load_path, client_state = engine.load_checkpoint(
+                    source,
+                    tag=DS_TAG,
+                    load_optimizer_states=True,
+                    load_lr_scheduler_states=True,
+                    # A trainable-only checkpoint lacks the frozen base, which the run has rebuilt.
+                    load_module_strict=not meta.get("trainable_only", False),
+                )
+            except (OSError, RuntimeError, KeyError, EOFError) as exc:
+                raise RuntimeError(f"checkpoint {directory} could not be read on rank {rank}: {exc}") from exc
+            if source != directory and meta["zero_stage"] == 3:
+                _repair_zero3_universal_load(engine, source)
+    finally:
+        if source != directory:
+            dist.barrier()  # every rank on this machine has read the universal copy
+            if made:
+                shutil.rmtree(source, ignore_errors=True)
     if load_path is None:
         raise RuntimeError(f"checkpoint {directory} could not be read on rank {rank}: no DeepSpeed shard for {DS_TAG}.")
-    _set_rng_state(json.loads((Path(directory) / f"rng_rank{rank}.json").read_text()))
-    return client_state, _load_data_state(Path(directory), rank)
+    # Per-slot state moves with its slot: this rank's slots were the old ranks' slots r*A..r*A+A-1.
+    mine = range(rank * accumulation_now, (rank + 1) * accumulation_now)
+    _set_rng_state(json.loads((Path(directory) / f"rng_rank{mine[0] // accumulation}.json").read_text()))
+    client_state = {**client_state, "iters_in_epoch": client_state["iters_in_epoch"] // accumulation * accumulation_now}
+    if not elastic:
+        return client_state, _load_data_state(Path(directory), rank)
+    states = [_load_data_state(Path(directory), r) for r in sorted({s // accumulation for s in mine})]
+    if any(state is None for state in states):
+        return client_state, None
+    slots = {s: slot for state, first in zip(states, sorted({s // accumulation for s in mine}), strict=True)
+             for s, slot in enumerate(state["slots"], start=first * accumulation)}  # fmt: skip
+    return client_state, {"slots": [slots[s] for s in mine]}
 
 
 def find(run_or_checkpoint: str) -> str:

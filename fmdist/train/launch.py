@@ -24,7 +24,7 @@ from fmdist.data.fs import aws_env, filesystem
 from fmdist.data.inputs import open_splits
 from fmdist.data.sources import PROVENANCE_FILE, Source, provenance, resolve
 from fmdist.data.stream import EpochStreams, eval_batches
-from fmdist.runtime import FAIL_AT_STEP_ENV, HANG_AT_STEP_ENV, RECORD_ROWS_ENV, get_logger
+from fmdist.runtime import FAIL_AT_STEP_ENV, HANG_AT_STEP_ENV, KILL_AT_STEP_ENV, RECORD_ROWS_ENV, get_logger
 from fmdist.tasks import DataInfo
 from fmdist.train import checkpoint
 
@@ -72,6 +72,23 @@ def resume_point(cfg: Config) -> tuple[bool, str | None]:
         log.warning("run directory %s has no %s (Ray stopped before recording its last checkpoint); resuming "
                     "from the newest complete one, %s", run_dir_uri(cfg), SNAPSHOT_FILE, newest)  # fmt: skip
     return False, newest
+
+
+def failure_message(cfg: Config, error: BaseException) -> str:
+    """What a run that failed past its restarts tells the user: the cause, and how to resume it."""
+    cause = str(error).strip() or type(error).__name__
+    fs, path = filesystem(run_dir_uri(cfg))
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    names = [i.base_name for i in infos if i.base_name.startswith(checkpoint.CHECKPOINT_PREFIX)]
+    newest, _ = checkpoint.newest_complete(run_dir_uri(cfg), names) if names else (None, [])
+    where = (
+        f"from its newest complete checkpoint, {newest}," if newest else "from step 0 (it has no complete checkpoint)"
+    )
+    return (
+        f"run {run_dir_uri(cfg)} failed after run.max_failures={cfg.run.max_failures} restart(s): {cause}\n"
+        f"Fix the cause and launch the same command again (same run.name and run.storage_path): it resumes "
+        f"{where} on any worker count that divides its data slots."
+    )
 
 
 def ensure_ray(cfg: Config, trials_at_once: int = 1) -> float:
@@ -155,6 +172,16 @@ def _train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = from_dict(loop_config["config"])
     rank = ray.train.get_context().get_world_rank()
     world_size = ray.train.get_context().get_world_size()
+    restore = ray.train.get_checkpoint()  # this run's own latest (after a worker failure or relaunch)
+    from_elsewhere = restore is None and loop_config["restore_from"] is not None
+    if from_elsewhere:
+        # Another run's checkpoint (a PBT round continuing its own or a donor trial's): every worker
+        # reads all of it, as after a restart.
+        fs, path = filesystem(loop_config["restore_from"])
+        restore = ray.train.Checkpoint(path, filesystem=fs)
+    if restore is not None:  # possibly written by another worker count: lay the run out to fit it
+        with restore.filesystem.open_input_stream(f"{restore.path}/{checkpoint.STATE_FILE}") as f:
+            cfg = checkpoint.resume_layout(cfg, json.loads(f.read()), world_size)
     stream = EpochStreams(cfg, resolve(loop_config["train_uri"], "data.train"), rank, world_size)
     eval_source = resolve(loop_config["eval_uri"], "data.eval") if loop_config["eval_uri"] else None
     train_batches = stream.batches
@@ -176,22 +203,15 @@ def _train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         train_batches = recorded_batches
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        saved = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(
             metrics,
-            checkpoint=checkpoint,
-            checkpoint_dir_name=f"checkpoint_step_{metrics['step']:08d}" if checkpoint else None,
-            delete_local_checkpoint_after_upload=checkpoint is not None,
+            checkpoint=saved,
+            checkpoint_dir_name=f"checkpoint_step_{metrics['step']:08d}" if saved else None,
+            delete_local_checkpoint_after_upload=saved is not None,
         )
 
     scratch = tempfile.mkdtemp(prefix="fmdist-ckpt-")
-    checkpoint = ray.train.get_checkpoint()  # this run's own latest (after a worker failure or relaunch)
-    from_elsewhere = checkpoint is None and loop_config["restore_from"] is not None
-    if from_elsewhere:
-        # Another run's checkpoint (a PBT round continuing its own or a donor trial's): every worker
-        # reads all of it, as after a restart.
-        fs, path = filesystem(loop_config["restore_from"])
-        checkpoint = ray.train.Checkpoint(path, filesystem=fs)
     io = LoopIO(
         train_batches=train_batches,
         iters_per_epoch=stream.iters_per_epoch,
@@ -209,10 +229,10 @@ def _train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         fingerprint_restore=from_elsewhere,
     )
     try:
-        if checkpoint is None:
+        if restore is None:
             fit(cfg, io)
         else:
-            with checkpoint.as_directory() as restore_dir:
+            with restore.as_directory() as restore_dir:
                 io.restore_dir = restore_dir
                 fit(cfg, io)
     finally:
@@ -276,7 +296,7 @@ def train(
     record["hardware"] = hardware(cfg, use_gpu)
     write_run_file(cfg, PROVENANCE_FILE, json.dumps(record, indent=2, default=str))
     env_vars = aws_env() | ({} if use_gpu else {"DS_ACCELERATOR": "cpu"})
-    for drill in (FAIL_AT_STEP_ENV, HANG_AT_STEP_ENV, RECORD_ROWS_ENV):
+    for drill in (FAIL_AT_STEP_ENV, HANG_AT_STEP_ENV, KILL_AT_STEP_ENV, RECORD_ROWS_ENV):
         if drill in os.environ:
             env_vars[drill] = os.environ[drill]
     storage_fs, storage_path = filesystem(cfg.run.storage_path)
@@ -311,9 +331,12 @@ def train(
             callbacks=callbacks,
         ),
     )
-    result = trainer.fit()
-    if result.error:
-        raise result.error
+    try:
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+    except Exception as exc:  # Ray Train's WorkerGroupError, ControllerError, ...: the run is over
+        raise RuntimeError(failure_message(cfg, exc)) from exc
     summary = dict(result.metrics or {})
     summary["checkpoint"] = (
         f"{run_dir_uri(cfg)}/{result.checkpoint.path.rsplit('/', 1)[-1]}" if result.checkpoint else None

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from fmdist import tasks
 from fmdist.config import Config, freeze_labels
 from fmdist.data.stream import steps_per_epoch, total_steps
 from fmdist.eval.metrics import flat_scalars
-from fmdist.runtime import FAIL_AT_STEP_ENV, HANG_AT_STEP_ENV, get_logger
+from fmdist.runtime import FAIL_AT_STEP_ENV, HANG_AT_STEP_ENV, KILL_AT_STEP_ENV, get_logger
 from fmdist.tasks import Rows, Task
 from fmdist.train import adapters, checkpoint, distill
 from fmdist.train.ds_config import build_ds_config
@@ -155,10 +156,12 @@ def _joined(batches: Iterator[Rows | None], device: torch.device) -> Iterator[Ro
         yield None if rows is _EPOCH_OVER else rows
 
 
-def iter_seed(seed: int, rank: int, epoch: int, iter_in_epoch: int) -> int:
-    """The seed of a task's randomness (masked-lm's masking) for one micro-batch: a function of where the
-    run stands, so a resumed run draws exactly what the uninterrupted run would have."""
-    digest = hashlib.sha256(f"{seed}:{rank}:{epoch}:{iter_in_epoch}".encode()).digest()
+def iter_seed(seed: int, slot: int, epoch: int, turn: int) -> int:
+    """The seed of one micro-batch's randomness (dropout, masked-lm's masking): a function of the slot
+    whose rows it trains (data/stream.py) and that slot's turn in the epoch, never of the rank. So a
+    resumed run draws exactly what the uninterrupted one would have, and 2 workers x accumulation 1
+    draw what 1 worker x accumulation 2 draws, which makes a resume on another worker count exact."""
+    digest = hashlib.sha256(f"{seed}:{slot}:{epoch}:{turn}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
 
@@ -190,13 +193,14 @@ def _step_store(world_size: int) -> Any:
         return None
 
 
-def _hang_drill(rank: int) -> int | None:
-    """The step after which this rank stops taking part, from FMDIST_HANG_AT_STEP=RANK:STEP (drills)."""
-    value = os.environ.get(HANG_AT_STEP_ENV)
+def _drill_step(env: str, rank: int) -> int | None:
+    """The step after which this rank runs the drill `env` (FMDIST_HANG_AT_STEP, FMDIST_KILL_AT_STEP) set
+    to RANK:STEP; None when it is unset or names another rank."""
+    value = os.environ.get(env)
     if not value:
         return None
-    hang_rank, step = (int(part) for part in value.split(":"))
-    return step if hang_rank == rank else None
+    drill_rank, step = (int(part) for part in value.split(":"))
+    return step if drill_rank == rank else None
 
 
 def _timed_out(exc: BaseException) -> bool:
@@ -393,13 +397,12 @@ def fit(cfg: Config, io: LoopIO) -> dict[str, Any]:
         num_warmup_steps=int(cfg.train.warmup_ratio * num_steps),
         num_training_steps=num_steps,
     )
+    ds_config = build_ds_config(cfg, world_size, torch.cuda.is_available())
+    if io.restore_dir is not None and checkpoint.needs_universal(io.restore_dir, world_size):
+        ds_config["checkpoint"] = {"load_universal": True}  # another worker count: checkpoint.load re-cuts ZeRO
     t0 = time.perf_counter()
     engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=build_ds_config(cfg, world_size, torch.cuda.is_available()),
-        dist_init_required=False,
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
     )
     timings["deepspeed_init_s"] = time.perf_counter() - t0
     # from_pretrained returns a model in eval mode and DeepSpeed keeps it so: without this, dropout
@@ -497,7 +500,8 @@ def fit(cfg: Config, io: LoopIO) -> dict[str, Any]:
     # A rank that stops taking part makes the others' next collective time out (run.collective_timeout_s):
     # each rank notes the step it enters in the rendezvous store, so the error can name the one behind.
     store = _step_store(world_size)
-    hang_at = _hang_drill(rank)
+    hang_at = _drill_step(HANG_AT_STEP_ENV, rank)
+    kill_at = _drill_step(KILL_AT_STEP_ENV, rank) if io.restore_dir is None else None
     if store is not None:
         store.set(f"{STEP_KEY}/{rank}", str(progress.step + 1))
     try:
@@ -512,7 +516,9 @@ def fit(cfg: Config, io: LoopIO) -> dict[str, Any]:
                     rows = None  # finish the pending accumulation with placeholders, so epochs end on a step
                 # A rank out of data (or the epoch's last, partial accumulation) runs a zero-weight
                 # placeholder so that every rank takes part in every collective and every step.
-                seed = iter_seed(cfg.train.seed, rank, progress.epoch, progress.iters_in_epoch)
+                turn, j = divmod(progress.iters_in_epoch, accum)
+                seed = iter_seed(cfg.train.seed, rank * accum + j, progress.epoch, turn)
+                torch.manual_seed(seed)  # dropout; placeholders run in eval mode and draw nothing
                 collated = task.collate(rows or placeholder, processor, cfg, seed)
                 batch = model_inputs(collated, device)
                 if rows is None:
@@ -536,6 +542,10 @@ def fit(cfg: Config, io: LoopIO) -> dict[str, Any]:
                     raise RuntimeError(
                         f"{FAIL_AT_STEP_ENV}={progress.step}: injected failure after step {progress.step}"
                     )
+                if kill_at == progress.step:
+                    log.warning("%s: rank %d kills its own process after step %d (a drill)", KILL_AT_STEP_ENV, rank,
+                                progress.step)  # fmt: skip
+                    os.kill(os.getpid(), signal.SIGKILL)
                 if hang_at == progress.step:
                     log.warning("%s: rank %d stops taking part after step %d (a drill)", HANG_AT_STEP_ENV, rank,
                                 progress.step)  # fmt: skip

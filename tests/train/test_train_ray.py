@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -19,9 +20,9 @@ import torch
 from safetensors.torch import load_file
 
 from fmdist.config import from_dict
+from fmdist.runtime import FAIL_AT_STEP_ENV, KILL_AT_STEP_ENV
 from fmdist.train.export import export
 from fmdist.train.launch import train
-from fmdist.train.loop import FAIL_AT_STEP_ENV
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -138,6 +139,36 @@ def test_two_workers_match_one_worker_with_the_same_global_batch(sentiment_data,
     assert diff < 1e-4, diff
 
 
+def test_a_zero3_run_of_two_workers_resumes_on_one_with_the_same_result(zero3_run, module_tmp):
+    """2 workers -> 1: accumulation 1 -> 2 keeps the slots, DeepSpeed's universal checkpoint re-cuts the
+    ZeRO-3 partitions (weights and Adam moments), and the one worker trains exactly the rows the two had
+    left in the epoch, ending with the uninterrupted two-worker run's weights. In-process (world size 1)."""
+    from fmdist.data.sources import resolve
+    from fmdist.data.stream import EpochStreams
+    from fmdist.train.checkpoint import consolidated_state_dict
+    from tests.inprocess import run_in_process
+
+    run_dir = Path(zero3_run["summary"]["run_dir"])
+    paused = module_tmp / "elastic-2-to-1-from"
+    shutil.copytree(run_dir / "checkpoint_step_00000030", paused)
+    cfg = from_dict(zero3_run["raw"])
+    source = resolve(cfg.data.train)
+    record: list[dict] = []
+    summary, reports = run_in_process(cfg, source, str(module_tmp / "elastic-2-to-1"), restore=str(paused),
+                                      record=record)  # fmt: skip
+    assert summary["step"] == 40 and reports[0][0]["restore/step"] == 30
+    # The rows the two workers train after step 30: each rank's micro-batches from its 31st on.
+    left: Counter = Counter()
+    for rank in (0, 1):
+        for i, rows in enumerate(EpochStreams(cfg, source, rank, 2).batches(0)):
+            left.update(rows["sentence"] if i >= 30 and rows else [])
+    trained = Counter(sentence for rows in record for sentence in rows["sentence"])
+    assert sum(left.values()) == 160 and trained == left
+    resumed = consolidated_state_dict(reports[-1][1])
+    whole = consolidated_state_dict(str(run_dir / "checkpoint_step_00000040"))
+    assert max_weight_diff(resumed, whole) < 1e-6
+
+
 def test_worker_failure_restarts_from_checkpoint_with_the_same_result(zero3_run, module_tmp, monkeypatch):
     """A worker dies after step 24; Ray Train restarts the group, which resumes at step 20."""
     raw = _raw(module_tmp_data(zero3_run), module_tmp, "zero3-restarted", zero_stage=3, checkpoint_every_steps=10)
@@ -158,10 +189,16 @@ def module_tmp_data(zero3_run: dict) -> dict:
 
 def test_relaunch_resumes_and_a_broken_checkpoint_is_an_error(zero3_run, module_tmp, monkeypatch):
     raw = _raw(module_tmp_data(zero3_run), module_tmp, "zero3-relaunched", zero_stage=3, checkpoint_every_steps=10)
-    monkeypatch.setenv(FAIL_AT_STEP_ENV, "14")
-    with pytest.raises(Exception, match="injected failure after step 14"):
+    # Rank 1's process is SIGKILLed after step 14 and run.max_failures is 0: the run fails naming the
+    # cause and how to resume.
+    monkeypatch.setenv(KILL_AT_STEP_ENV, "1:14")
+    with pytest.raises(RuntimeError) as failed:
         run(raw)
-    monkeypatch.delenv(FAIL_AT_STEP_ENV)
+    message = str(failed.value)
+    assert "failed after run.max_failures=0 restart(s)" in message
+    assert re.search(r"(?i)worker.*(died|unexpectedly|exit)", message), message  # the cause: a lost worker
+    assert "launch the same command again" in message and "checkpoint_step_00000010" in message
+    monkeypatch.delenv(KILL_AT_STEP_ENV)
     summary = run(raw)  # same run.name and storage_path: resumes from step 10
     diff = max_weight_diff(
         exported_weights(summary["run_dir"], module_tmp / "relaunched"),
