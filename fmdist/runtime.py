@@ -16,9 +16,23 @@ KILL_AT_STEP_ENV = "FMDIST_KILL_AT_STEP"
 """Fault injection for worker-loss drills: RANK:STEP makes that rank's process SIGKILL itself after that
 step of a fresh (not resumed) run, as the OOM killer or a lost node would: no exception, no clean-up."""
 
+KILL_MID_UPLOAD_ENV = "FMDIST_KILL_MID_UPLOAD"
+"""Fault injection for torn-checkpoint drills: RANK:STEP makes that rank's process SIGKILL itself halfway
+through uploading that step's checkpoint to run.storage_path (local or S3), leaving a torn checkpoint."""
+
 RECORD_ROWS_ENV = "FMDIST_RECORD_ROWS"
 """Row recording for drills and tests: a directory where every worker appends the row ids it trains on
 (one JSON line per real micro-batch, to rows_rank{r}.jsonl), so a test can check rows seen exactly once."""
+
+
+def drill_step(env: str, rank: int) -> int | None:
+    """The step at which this rank runs the drill `env` (one of the RANK:STEP drills above); None when
+    it is unset or names another rank."""
+    value = os.environ.get(env)
+    if not value:
+        return None
+    drill_rank, step = (int(part) for part in value.split(":"))
+    return step if drill_rank == rank else None
 
 
 def cuda_available() -> bool:

@@ -314,8 +314,6 @@ def resume_layout(cfg: Config, meta: dict[str, Any], world_size: int) -> Config:
     """
     workers, accumulation = layout(meta)
     slots = workers * accumulation
-    if world_size * cfg.train.gradient_accumulation_steps == slots:
-        return cfg
     if slots % world_size:
         fits = [n for n in range(1, slots + 1) if slots % n == 0]
         raise RuntimeError(
@@ -325,10 +323,13 @@ def resume_layout(cfg: Config, meta: dict[str, Any], world_size: int) -> Config:
             f"Resume with scaling.num_workers set to one of {fits}."
         )
     new = slots // world_size
-    log.warning("resuming a checkpoint of %d worker(s) x accumulation %d on %d worker(s): gradient accumulation "
-                "%d -> %d keeps the global batch (%d rows) and every row's place in the epoch", workers,
-                accumulation, world_size, cfg.train.gradient_accumulation_steps, new,
-                slots * cfg.train.micro_batch_size)  # fmt: skip
+    if (world_size, new) == (cfg.scaling.num_workers, cfg.train.gradient_accumulation_steps):
+        return cfg
+    if new != cfg.train.gradient_accumulation_steps:
+        log.warning("resuming a checkpoint of %d worker(s) x accumulation %d on %d worker(s): gradient "
+                    "accumulation %d -> %d keeps the global batch (%d rows) and every row's place in the epoch",
+                    workers, accumulation, world_size, cfg.train.gradient_accumulation_steps, new,
+                    slots * cfg.train.micro_batch_size)  # fmt: skip
     return dataclasses.replace(
         cfg,
         train=dataclasses.replace(cfg.train, gradient_accumulation_steps=new),

@@ -24,7 +24,15 @@ from fmdist.data.fs import aws_env, filesystem
 from fmdist.data.inputs import open_splits
 from fmdist.data.sources import PROVENANCE_FILE, Source, provenance, resolve
 from fmdist.data.stream import EpochStreams, eval_batches
-from fmdist.runtime import FAIL_AT_STEP_ENV, HANG_AT_STEP_ENV, KILL_AT_STEP_ENV, RECORD_ROWS_ENV, get_logger
+from fmdist.runtime import (
+    FAIL_AT_STEP_ENV,
+    HANG_AT_STEP_ENV,
+    KILL_AT_STEP_ENV,
+    KILL_MID_UPLOAD_ENV,
+    RECORD_ROWS_ENV,
+    drill_step,
+    get_logger,
+)
 from fmdist.tasks import DataInfo
 from fmdist.train import checkpoint
 
@@ -60,10 +68,9 @@ def resume_point(cfg: Config) -> tuple[bool, str | None]:
     infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     if any(i.base_name == SNAPSHOT_FILE for i in infos):
         return True, None
-    names = [i.base_name for i in infos if i.base_name.startswith(checkpoint.CHECKPOINT_PREFIX)]
-    if not names:
+    newest, skipped = newest_own_checkpoint(cfg)
+    if newest is None and not skipped:
         return False, None
-    newest, skipped = checkpoint.newest_complete(run_dir_uri(cfg), names)
     for line in skipped:
         log.warning("passing over an incomplete checkpoint (the run stopped while saving it): %s", line)
     if newest is None:
@@ -74,13 +81,19 @@ def resume_point(cfg: Config) -> tuple[bool, str | None]:
     return False, newest
 
 
-def failure_message(cfg: Config, error: BaseException) -> str:
-    """What a run that failed past its restarts tells the user: the cause, and how to resume it."""
-    cause = str(error).strip() or type(error).__name__
+def newest_own_checkpoint(cfg: Config) -> tuple[str | None, list[str]]:
+    """The newest complete checkpoint in this run's directory (local or S3), and a line for each newer,
+    incomplete one passed over."""
     fs, path = filesystem(run_dir_uri(cfg))
     infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     names = [i.base_name for i in infos if i.base_name.startswith(checkpoint.CHECKPOINT_PREFIX)]
-    newest, _ = checkpoint.newest_complete(run_dir_uri(cfg), names) if names else (None, [])
+    return checkpoint.newest_complete(run_dir_uri(cfg), names) if names else (None, [])
+
+
+def failure_message(cfg: Config, error: BaseException) -> str:
+    """What a run that failed past its restarts tells the user: the cause, and how to resume it."""
+    cause = str(error).strip() or type(error).__name__
+    newest, _ = newest_own_checkpoint(cfg)
     where = (
         f"from its newest complete checkpoint, {newest}," if newest else "from step 0 (it has no complete checkpoint)"
     )
@@ -160,6 +173,33 @@ def open_data(cfg: Config) -> dict[str, Source]:
     return sources
 
 
+def _kill_mid_upload(step: int) -> None:
+    """Drill (FMDIST_KILL_MID_UPLOAD): make this worker SIGKILL itself halfway through uploading the
+    checkpoint of `step` to the run's storage, file by file through Ray Train's own copy, so the storage
+    (local or S3) holds a torn checkpoint as a worker lost mid-upload leaves it. Only a fresh run drills."""
+    import signal
+    from pathlib import Path
+
+    from ray.train.v2._internal.execution import storage
+
+    copy = storage._pyarrow_fs_copy_files
+    target = f"{checkpoint.CHECKPOINT_PREFIX}{step:08d}"
+
+    def copy_half_then_die(source, destination, source_filesystem=None, destination_filesystem=None, **kwargs):
+        if destination.rstrip("/").rsplit("/", 1)[-1] != target:
+            return copy(source, destination, source_filesystem, destination_filesystem, **kwargs)
+        files = sorted(f for f in Path(source).rglob("*") if f.is_file())
+        for file in files[: len(files) // 2]:
+            relative = file.relative_to(source).as_posix()
+            destination_filesystem.create_dir(f"{destination}/{relative}".rsplit("/", 1)[0], recursive=True)
+            copy(str(file), f"{destination}/{relative}", destination_filesystem=destination_filesystem)
+        log.warning("%s: killed after uploading %d of %d files of %s (a drill)", KILL_MID_UPLOAD_ENV,
+                    len(files) // 2, len(files), target)  # fmt: skip
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    storage._pyarrow_fs_copy_files = copy_half_then_die
+
+
 def _train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     """What every Ray Train worker runs: rebuild the config, wire its streams and reporting to `fit`."""
     from fmdist.runtime import use_cpu_accelerator_if_no_gpu
@@ -173,12 +213,26 @@ def _train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     rank = ray.train.get_context().get_world_rank()
     world_size = ray.train.get_context().get_world_size()
     restore = ray.train.get_checkpoint()  # this run's own latest (after a worker failure or relaunch)
+    if restore is None:
+        # Ray Train loses the reports a worker queued but the controller had not collected when the
+        # worker group died (a death right after a checkpoint), and would restart from step 0. A
+        # complete checkpoint in the run's own storage is this run's: resume from the newest.
+        own, _ = newest_own_checkpoint(cfg)
+        if own is not None:
+            if rank == 0:
+                log.warning("Ray Train gave this attempt no checkpoint, but the run directory has complete ones "
+                            "(a report lost when a worker died); resuming from the newest, %s", own)  # fmt: skip
+            fs, path = filesystem(own)
+            restore = ray.train.Checkpoint(path, filesystem=fs)
     from_elsewhere = restore is None and loop_config["restore_from"] is not None
     if from_elsewhere:
         # Another run's checkpoint (a PBT round continuing its own or a donor trial's): every worker
         # reads all of it, as after a restart.
         fs, path = filesystem(loop_config["restore_from"])
         restore = ray.train.Checkpoint(path, filesystem=fs)
+    upload_drill = drill_step(KILL_MID_UPLOAD_ENV, rank)
+    if upload_drill is not None and restore is None:
+        _kill_mid_upload(upload_drill)
     if restore is not None:  # possibly written by another worker count: lay the run out to fit it
         with restore.filesystem.open_input_stream(f"{restore.path}/{checkpoint.STATE_FILE}") as f:
             cfg = checkpoint.resume_layout(cfg, json.loads(f.read()), world_size)
@@ -296,7 +350,7 @@ def train(
     record["hardware"] = hardware(cfg, use_gpu)
     write_run_file(cfg, PROVENANCE_FILE, json.dumps(record, indent=2, default=str))
     env_vars = aws_env() | ({} if use_gpu else {"DS_ACCELERATOR": "cpu"})
-    for drill in (FAIL_AT_STEP_ENV, HANG_AT_STEP_ENV, KILL_AT_STEP_ENV, RECORD_ROWS_ENV):
+    for drill in (FAIL_AT_STEP_ENV, HANG_AT_STEP_ENV, KILL_AT_STEP_ENV, KILL_MID_UPLOAD_ENV, RECORD_ROWS_ENV):
         if drill in os.environ:
             env_vars[drill] = os.environ[drill]
     storage_fs, storage_path = filesystem(cfg.run.storage_path)

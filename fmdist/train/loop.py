@@ -31,7 +31,7 @@ from fmdist import tasks
 from fmdist.config import Config, freeze_labels
 from fmdist.data.stream import steps_per_epoch, total_steps
 from fmdist.eval.metrics import flat_scalars
-from fmdist.runtime import FAIL_AT_STEP_ENV, HANG_AT_STEP_ENV, KILL_AT_STEP_ENV, get_logger
+from fmdist.runtime import FAIL_AT_STEP_ENV, HANG_AT_STEP_ENV, KILL_AT_STEP_ENV, drill_step, get_logger
 from fmdist.tasks import Rows, Task
 from fmdist.train import adapters, checkpoint, distill
 from fmdist.train.ds_config import build_ds_config
@@ -191,16 +191,6 @@ def _step_store(world_size: int) -> Any:
         return _get_default_store()
     except (ImportError, RuntimeError, ValueError):  # private in torch; without it the error names no rank
         return None
-
-
-def _drill_step(env: str, rank: int) -> int | None:
-    """The step after which this rank runs the drill `env` (FMDIST_HANG_AT_STEP, FMDIST_KILL_AT_STEP) set
-    to RANK:STEP; None when it is unset or names another rank."""
-    value = os.environ.get(env)
-    if not value:
-        return None
-    drill_rank, step = (int(part) for part in value.split(":"))
-    return step if drill_rank == rank else None
 
 
 def _timed_out(exc: BaseException) -> bool:
@@ -500,8 +490,8 @@ def fit(cfg: Config, io: LoopIO) -> dict[str, Any]:
     # A rank that stops taking part makes the others' next collective time out (run.collective_timeout_s):
     # each rank notes the step it enters in the rendezvous store, so the error can name the one behind.
     store = _step_store(world_size)
-    hang_at = _drill_step(HANG_AT_STEP_ENV, rank)
-    kill_at = _drill_step(KILL_AT_STEP_ENV, rank) if io.restore_dir is None else None
+    hang_at = drill_step(HANG_AT_STEP_ENV, rank)
+    kill_at = drill_step(KILL_AT_STEP_ENV, rank) if io.restore_dir is None else None
     if store is not None:
         store.set(f"{STEP_KEY}/{rank}", str(progress.step + 1))
     try:

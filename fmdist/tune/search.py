@@ -19,6 +19,7 @@ import tempfile
 import time
 from typing import Any
 
+import pyarrow.fs as pafs
 import yaml
 
 from fmdist.config import Config, ConfigError, apply_overrides, from_dict
@@ -28,6 +29,23 @@ from fmdist.runtime import get_logger
 log = get_logger("fmdist.tune")
 TRIALS_DIR = "trials"
 TRIAL_CPU = 1  # the trial's own process, which drives its TorchTrainer
+# AWS keys that Ray Tune would copy from the driver's environment into every trial actor's runtime env.
+AWS_CREDENTIAL_ENV = frozenset(
+    {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"}
+)
+
+
+def keep_credentials_out_of_trial_envs() -> None:
+    """Stop Ray Tune from copying the driver's AWS keys into its trials' runtime envs.
+
+    Ray Tune (ray/tune/execution/class_cache.py) puts them into every trial actor's runtime_env
+    env_vars, which the dashboard, the Jobs and state APIs and runtime_env_agent.log show in plain
+    text; the trials' Train workers inherit them. Trials, like workers, get credentials from their
+    node's own chain (the raylet's environment, an instance role) without them.
+    """
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE = frozenset(class_cache.ENV_VARS_TO_PROPAGATE) - AWS_CREDENTIAL_ENV
 
 
 def _number(value: Any) -> Any:
@@ -302,6 +320,7 @@ def tune_run(cfg: Config, resume: bool = False) -> dict[str, Any]:
                 failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures_per_trial),
             ),
         )
+    keep_credentials_out_of_trial_envs()
     t0 = time.perf_counter()
     results = tuner.fit()
     search_wall_s = time.perf_counter() - t0
@@ -351,7 +370,12 @@ def tune_run(cfg: Config, resume: bool = False) -> dict[str, Any]:
         with open(png, "rb") as src, fs.open_output_stream(path) as dst:
             dst.write(src.read())
     # A PBT trial's model is its last round's checkpoint; other trials are one Train run named by trial.
-    export(best["checkpoint"] or f"{trials_dir}/{best['trial']}", f"{run_dir}/best-model")
+    # export() writes a local directory: through a scratch one, so that an s3:// run directory gets it too.
+    with tempfile.TemporaryDirectory(prefix="fmdist-best-model-") as scratch:
+        export(best["checkpoint"] or f"{trials_dir}/{best['trial']}", scratch)
+        fs, path = filesystem(f"{run_dir}/best-model")
+        fs.create_dir(path, recursive=True)
+        pafs.copy_files(scratch, path, destination_filesystem=fs)
     summary.update(best=best, best_yaml=f"{run_dir}/best.yaml", best_model=f"{run_dir}/best-model")
     return summary
 

@@ -5,7 +5,6 @@ World size 1, in-process (gloo), the tiny model: each ZeRO stage's run is traine
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -18,10 +17,10 @@ from fmdist.config import from_dict
 from fmdist.data.sources import resolve
 from fmdist.train.checkpoint import (
     DS_TAG,
-    STATE_FILE,
     consolidated_state_dict,
     find,
     problems,
+    resume_layout,
     weights_only_loads,
     write_manifest,
 )
@@ -166,17 +165,32 @@ def test_a_missing_per_rank_file_is_an_error_not_a_replay(runs, tmp_path, remove
         _run(tmp_path, "again", 2, restore=str(broken))
 
 
-def test_a_resume_on_another_worker_count_is_refused(runs, tmp_path):
-    """Stream positions belong to the old split of shards over workers: another count would repeat or skip rows."""
-    other = tmp_path / "other"
-    shutil.copytree(runs(2, "paused"), other)
-    meta = json.loads((other / STATE_FILE).read_text())
-    (other / STATE_FILE).write_text(json.dumps({**meta, "world_size": 2}))
-    shutil.copy(other / "manifest_rank0.json", other / "manifest_rank1.json")  # as if rank 1 had saved too
-    write_manifest(other, rank=0)
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_a_resume_through_a_universal_checkpoint_is_exact(runs, tmp_path, zero_stage, monkeypatch):
+    """The path a resume on another worker count takes (ds_to_universal, then DeepSpeed's universal
+    load), forced at the same worker count: it must equal the uninterrupted run. Under ZeRO-3 it did not
+    until checkpoint._repair_zero3_universal_load (shared Adam step, first group's weight decay for all)."""
+    import fmdist.train.checkpoint as checkpoint_module
+
+    monkeypatch.setattr(checkpoint_module, "needs_universal", lambda directory, world_size: True)
     write_shards(tmp_path / "shards", sentiment_rows(32, seed=5), rows_per_shard=16)
-    with pytest.raises(RuntimeError, match=r"written by 2 worker\(s\) but this run has 1.*scaling.num_workers=2"):
-        _run(tmp_path, "again", 2, restore=str(other))
+    resumed = consolidated_state_dict(_run(tmp_path, "universal", zero_stage, restore=runs(zero_stage, "paused")))
+    whole = consolidated_state_dict(runs(zero_stage, "whole"))
+    assert max((whole[k] - resumed[k]).abs().max().item() for k in whole) < 1e-6
+
+
+def test_a_resume_keeps_the_slots_and_refuses_a_worker_count_that_cannot_share_them():
+    """Slots = workers x accumulation of the run that saved: another count that divides them changes the
+    accumulation (same global batch); one that does not is refused, naming the counts that fit."""
+    meta = {"world_size": 2, "config": {"train": {"gradient_accumulation_steps": 2}}}
+    cfg = from_dict(_raw(2))  # 1 worker, accumulation 1
+    for workers, accumulation in [(1, 4), (2, 2), (4, 1)]:
+        laid_out = resume_layout(cfg, meta, workers)
+        assert (laid_out.scaling.num_workers, laid_out.train.gradient_accumulation_steps) == (workers, accumulation)
+        assert laid_out.global_batch_size == 4 * cfg.train.micro_batch_size
+    with pytest.raises(RuntimeError, match=r"2 worker\(s\) x gradient accumulation 2 = 4 data slots, and 3 "
+                                           r"worker\(s\) cannot share.*one of \[1, 2, 4\]"):  # fmt: skip
+        resume_layout(cfg, meta, 3)
 
 
 def _tear(checkpoint: Path, how: str) -> str:
