@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 FAIL_AT_STEP_ENV = "FMDIST_FAIL_AT_STEP"
 """Fault injection for recovery tests and drills: a fresh (not resumed) run raises after this step."""
@@ -49,6 +50,21 @@ def use_cpu_accelerator_if_no_gpu() -> None:
     """
     if not cuda_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    use_one_ninja()
+
+
+def use_one_ninja() -> None:
+    """Put this Python's own bin directory (the venv's, with DeepSpeed's pip `ninja`) first on PATH.
+
+    DeepSpeed JIT-builds its shm comm op with whichever `ninja` PATH finds first. Ray workers get the
+    venv's bin directory on PATH, a plain `.venv/bin/fmdist` or pytest process may not, and two ninja
+    versions do not read each other's build log: each switch rebuilt the op (34 s on 2 cores, at every
+    DeepSpeed start-up where they alternate). One ninja for every process builds it once per machine.
+    """
+    bin_dir = os.path.dirname(sys.executable)
+    if os.path.isfile(os.path.join(bin_dir, "ninja")):
+        parts = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != bin_dir]
+        os.environ["PATH"] = os.pathsep.join([bin_dir, *parts])
 
 
 def get_logger(name: str, rank: int = 0) -> logging.Logger:

@@ -13,3 +13,16 @@ extra="demo"
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[$extra]"
 echo "fmdist is installed in .venv ($(.venv/bin/python -c 'import fmdist; print(fmdist.__version__)'))"
+# Without a GPU, DeepSpeed talks between CPU ranks through its shm comm op, which it JIT-builds at
+# first use (about 30 s on 2 cores): build it now, with the ninja every fmdist process uses
+# (fmdist.runtime.use_one_ninja), so that the first run starts without it. Not fatal: a run builds it too.
+.venv/bin/python - <<'PY' || echo "note: DeepSpeed's shm comm op was not prebuilt; the first run builds it"
+from fmdist.runtime import cuda_available, use_cpu_accelerator_if_no_gpu
+
+if not cuda_available():
+    use_cpu_accelerator_if_no_gpu()
+    from deepspeed.accelerator import get_accelerator
+
+    get_accelerator().create_op_builder("ShareMemCommBuilder").load(verbose=False)
+    print("DeepSpeed's CPU shm comm op is built")
+PY

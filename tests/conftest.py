@@ -11,7 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from fmdist.runtime import use_one_ninja
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+use_one_ninja()  # before Ray starts: its workers and this process then build DeepSpeed's op once
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 POSITIVE = ["great", "wonderful", "moving", "brilliant", "funny", "charming", "superb", "delightful"]

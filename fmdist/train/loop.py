@@ -31,7 +31,14 @@ from fmdist import tasks
 from fmdist.config import Config, freeze_labels
 from fmdist.data.stream import steps_per_epoch, total_steps
 from fmdist.eval.metrics import flat_scalars
-from fmdist.runtime import FAIL_AT_STEP_ENV, HANG_AT_STEP_ENV, KILL_AT_STEP_ENV, drill_step, get_logger
+from fmdist.runtime import (
+    FAIL_AT_STEP_ENV,
+    HANG_AT_STEP_ENV,
+    KILL_AT_STEP_ENV,
+    drill_step,
+    get_logger,
+    use_cpu_accelerator_if_no_gpu,
+)
 from fmdist.tasks import Rows, Task
 from fmdist.train import adapters, checkpoint, distill
 from fmdist.train.ds_config import build_ds_config
@@ -343,6 +350,7 @@ class Window:
 
 def fit(cfg: Config, io: LoopIO) -> dict[str, Any]:
     """Fine-tune per `cfg` on this rank; returns the final metrics (same on every rank)."""
+    use_cpu_accelerator_if_no_gpu()  # before DeepSpeed's first use (callers without Ray included)
     import deepspeed
     from transformers import get_scheduler
 
