@@ -465,11 +465,12 @@ def load(engine: Any, directory: str) -> tuple[dict[str, Any], dict[str, Any] | 
     client_state = {**client_state, "iters_in_epoch": client_state["iters_in_epoch"] // accumulation * accumulation_now}
     if not elastic:
         return client_state, _load_data_state(Path(directory), rank)
-    states = [_load_data_state(Path(directory), r) for r in sorted({s // accumulation for s in mine})]
+    owners = sorted({s // accumulation for s in mine})
+    states = [_load_data_state(Path(directory), r) for r in owners]
     if any(state is None for state in states):
         return client_state, None
-    slots = {s: slot for state, first in zip(states, sorted({s // accumulation for s in mine}), strict=True)
-             for s, slot in enumerate(state["slots"], start=first * accumulation)}  # fmt: skip
+    slots = {r * accumulation + j: slot for r, state in zip(owners, states, strict=True)
+             for j, slot in enumerate(state["slots"])}  # fmt: skip
     return client_state, {"slots": [slots[s] for s in mine]}
 
 

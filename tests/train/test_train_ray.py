@@ -175,8 +175,6 @@ def test_a_zero2_run_of_one_worker_resumes_on_two_with_every_row_once(sentiment_
     """1 worker x accumulation 2, paused at step 20 of 40, relaunched with scaling.num_workers=2 (the
     config still says accumulation 2: the resume lays it out to 1). Row ids recorded inside the workers
     of both launches: every row exactly once. Weights: those of the same run uninterrupted on 1 worker."""
-    import json as json_
-
     from fmdist.data.sources import resolve
     from fmdist.runtime import RECORD_ROWS_ENV
     from fmdist.train.checkpoint import consolidated_state_dict
@@ -198,7 +196,7 @@ def test_a_zero2_run_of_one_worker_resumes_on_two_with_every_row_once(sentiment_
     raw["scaling"]["num_workers"] = 2
     summary = run(raw)
     assert summary["step"] == 40 and summary["restore/step"] == 20
-    lines = [json_.loads(line) for f in sorted((module_tmp / "elastic-rows").glob("rows_rank*.jsonl"))
+    lines = [json.loads(line) for f in sorted((module_tmp / "elastic-rows").glob("rows_rank*.jsonl"))
              for line in f.read_text().splitlines()]  # fmt: skip
     assert len({line["pid"] for line in lines}) == 3  # one worker, then two
     trained = [row_id for line in lines for row_id in line["row_ids"]]
