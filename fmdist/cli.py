@@ -1,4 +1,4 @@
-"""The `fmdist` command: prepare, train, tune, export, predict, generate, eval, config-reference."""
+"""The `fmdist` command: prepare, train, tune, federate, export, predict, generate, eval, config-reference."""
 
 from __future__ import annotations
 
@@ -32,9 +32,14 @@ def _print_summary(summary: dict[str, Any], task_name: str) -> None:
         print(
             f"truncated words    {summary['train/words_cut']:.0f} of {summary['train/words']:.0f} (raise data.max_length)"
         )
+    print(f"curves             {summary['run_dir']}/curves.png  (live: tensorboard --logdir {_parent(summary['run_dir'])})")
     if summary.get("eval"):
         print("\n" + tasks.get(task_name).format_report(summary["eval"]))
     print(f"\nnext: fmdist export {summary['run_dir']} ./exported-model")
+
+
+def _parent(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[0] if "/" in uri.rstrip("/") else "."
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -44,7 +49,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = config.load(args.config, args.overrides)
     use_cpu_accelerator_if_no_gpu()
-    summary = train(cfg)
+    import psutil  # a Ray dependency
+
+    # Time to first step counts from this process's start: the imports and Ray's start are waited for too.
+    summary = train(cfg, quiet=not args.verbose, started_at=psutil.Process().create_time())
     _print_summary(summary, cfg.model.task)
     if cfg.report.enabled:
         from fmdist.eval.report import after_training
@@ -71,6 +79,22 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(f"leaderboard  {summary['run_dir']}/leaderboard.csv (and .json), plot {summary['run_dir']}/trials.png")
     print(f"best config  {summary['best_yaml']}  (fmdist train {summary['best_yaml']})")
     print(f"best model   {summary['best_model']}")
+    return 0
+
+
+def cmd_federate(args: argparse.Namespace) -> int:
+    from fmdist import config, tasks
+    from fmdist.federate import RESULTS_FILE, federate
+    from fmdist.runtime import use_cpu_accelerator_if_no_gpu
+
+    cfg = config.load(args.config, args.overrides)
+    use_cpu_accelerator_if_no_gpu()
+    results = federate(cfg)
+    print(f"\n=== fmdist federated run ({cfg.federate.strategy}, {cfg.federate.rounds} rounds) ===")
+    print(f"run directory      {results['run_dir']} (per-round metrics in {RESULTS_FILE})")
+    print(f"final checkpoint   {results['checkpoint']}")
+    print("\n" + tasks.get(cfg.model.task).format_report(results["final_eval"]))
+    print(f"\nnext: fmdist export {results['run_dir']} ./exported-model")
     return 0
 
 
@@ -289,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune per a YAML config (resumes a run with the same name)")
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. train.lr=1e-4")
+    p.add_argument(
+        "--verbose", action="store_true", help="show every worker's output (Hugging Face, DeepSpeed, Ray), not only fmdist's"
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("tune", help="search hyperparameters: every trial is a multi-worker DeepSpeed run")
@@ -296,6 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.field=value overrides")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search (same run.name)")
     p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("federate", help="federated fine-tuning: Flower strategies over simulated clients on Ray")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. federate.rounds=5")
+    p.set_defaults(func=cmd_federate)
 
     p = sub.add_parser("export", help="consolidate a run's newest checkpoint into a Hugging Face model directory")
     p.add_argument("run", help="run directory (run.storage_path/run.name) or one checkpoint directory")

@@ -267,6 +267,46 @@ class ReportConfig:
     intended_use: str | None = _field(None, "The model card's intended-use paragraph, in your words.")
 
 
+PRIVACY_ACCOUNTANTS = ("prv", "rdp")
+PRIVACY_TASKS = ("sequence-classification", "image-classification")
+"""Tasks whose loss is a mean over rows, so Opacus's hooks recover each row's own gradient. Token and
+language-model losses average over the batch's tokens, which couples the rows of a batch."""
+
+
+@dataclass
+class PrivacyConfig:
+    target_epsilon: float | None = _field(
+        None,
+        "DP-SGD (docs/privacy.md) to this epsilon at `delta` by the run's end: the noise multiplier is derived "
+        "from Opacus's accountant for the run's steps and sample rate. Set this or `noise_multiplier`; neither: off.",
+    )
+    noise_multiplier: float | None = _field(
+        None, "DP-SGD with this noise multiplier sigma (noise std = sigma x max_grad_norm); epsilon is reported."
+    )
+    delta: float | None = _field(None, "The guarantee's delta; default 1 / (2 x training rows).")
+    max_grad_norm: float = _field(
+        1.0, "Per-sample clipping norm C: each row's gradient (all trainable parameters) is clipped to this L2 norm."
+    )
+    accountant: str = _field(
+        "prv", f"Opacus accountant for epsilon: one of {', '.join(PRIVACY_ACCOUNTANTS)} (prv is the tighter)."
+    )
+    freeze_embeddings: bool = _field(
+        True,
+        "Freeze the embedding tables under DP (their per-sample gradients are batch x vocabulary x hidden; "
+        "DP fine-tuning works as well without them).",
+    )
+    noise_seed: int | None = _field(
+        None,
+        "Seed of the Poisson sampling and the noise (reproducible runs and tests only: whoever knows it can "
+        "subtract the noise); default fresh OS entropy on every rank.",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        """DP-SGD is on when a target epsilon or a noise multiplier is given."""
+        return self.target_epsilon is not None or self.noise_multiplier is not None
+
+
 SCHEDULERS = ("fifo", "asha", "pbt")
 PBT_MUTABLE = ("train.lr", "train.weight_decay")
 """What PBT may change when a trial continues from another's checkpoint: the restored optimizer and LR
@@ -313,6 +353,55 @@ class TuneConfig:
     max_failures_per_trial: int = _field(0, "Times a failed trial is retried before it counts as errored.")
 
 
+FEDERATE_PARTITIONS = ("iid", "dirichlet", "column")
+FEDERATE_STRATEGIES = ("fedavg", "fedprox", "fedadam")
+FEDERATE_DP = ("none", "server", "client")
+
+
+@dataclass
+class FederateConfig:
+    rounds: int = _field(3, "`fmdist federate`: rounds of local training on sampled clients and server aggregation.")
+    num_clients: int = _field(
+        4, "Simulated clients; each holds a disjoint partition of data.train (written to <run>/clients/)."
+    )
+    clients_per_round: int | None = _field(
+        None,
+        "Clients sampled to train each round (Flower samples them); default all. At most scaling.num_workers "
+        "clients train at once, each a one-rank DeepSpeed ZeRO-0 fit on its own Ray actor.",
+    )
+    local_epochs: int = _field(1, "Passes over its own rows each sampled client makes per round.")
+    local_steps: int | None = _field(
+        None, "Optimizer steps each sampled client takes per round instead of `local_epochs`."
+    )
+    partition: str = _field(
+        "iid",
+        f"How rows are dealt to clients: one of {', '.join(FEDERATE_PARTITIONS)} (iid: shuffled equal shares; "
+        "dirichlet: each label's rows split by Dirichlet(alpha) proportions; column: one client per value of "
+        "`column`, values grouped when there are more values than clients).",
+    )
+    alpha: float = _field(
+        0.5, "Dirichlet concentration for partition dirichlet: small (0.1) = each client sees mostly one label."
+    )
+    column: str | None = _field(None, "The column (a group or source) that partition column splits by.")
+    strategy: str = _field(
+        "fedavg",
+        f"Server aggregation with Flower's strategies: one of {', '.join(FEDERATE_STRATEGIES)} (fedprox adds "
+        "proximal_mu/2 ||w - w_global||^2 to each client's loss; fedadam applies Adam to the averaged update).",
+    )
+    proximal_mu: float = _field(0.01, "FedProx: weight of the proximal term in each client's loss.")
+    server_lr: float = _field(0.01, "FedAdam: the server's learning rate (Flower's eta).")
+    server_tau: float = _field(1e-3, "FedAdam: adaptivity (Flower's tau, Adam's epsilon).")
+    seed: int = _field(0, "Seeds the partition and the clients Flower samples each round.")
+    dp: str = _field(
+        "none",
+        f"Differential privacy on client updates, with Flower's wrappers: one of {', '.join(FEDERATE_DP)} "
+        "(server: the server clips each update to dp_clipping_norm; client: each client clips its own); both "
+        "add Gaussian noise of dp_noise_multiplier x dp_clipping_norm to the aggregate.",
+    )
+    dp_noise_multiplier: float = _field(0.1, "Noise standard deviation as a multiple of dp_clipping_norm.")
+    dp_clipping_norm: float = _field(1.0, "The L2 norm each client's update is clipped to.")
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -325,6 +414,8 @@ class Config:
     peft: PeftSettings = field(default_factory=PeftSettings)
     distill: DistillConfig = field(default_factory=DistillConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    federate: FederateConfig = field(default_factory=FederateConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     @property
     def global_batch_size(self) -> int:
@@ -343,6 +434,11 @@ class Config:
 
 
 SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
+
+
+def run_dir_uri(cfg: Config) -> str:
+    """The run's directory, local path or URI: checkpoints, metrics.json, tensorboard/, curves.png."""
+    return f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
 
 
 class ConfigError(ValueError):
@@ -483,6 +579,7 @@ def _validate(cfg: Config, problems: list[str]) -> None:
     _validate_tune(cfg, problems, positive, one_of)
     _validate_lm_peft_distill(cfg, problems, positive, one_of)
     _validate_report(cfg.report, problems)
+    _validate_federate(cfg, problems, positive, one_of)
     positive("run.checkpoint_every_steps", r.checkpoint_every_steps, allow_none=True)
     positive("run.keep_checkpoints", r.keep_checkpoints)
     positive("run.collective_timeout_s", r.collective_timeout_s)
@@ -632,10 +729,63 @@ def from_dict(raw: dict[str, Any], source: str | None = None) -> Config:
         sections[key] = _build_section(SECTIONS[key], value, key, problems)
     cfg = Config(**sections)
     _validate(cfg, problems)
+    _validate_privacy(cfg, raw.get("train"), problems)
     if problems:
         raise ConfigError(problems, source)
     _fill_task_defaults(cfg)
+    if cfg.privacy.enabled:
+        cfg.train.max_grad_norm = 0.0  # per-sample clipping (privacy.max_grad_norm) replaces the batch-level one
     return cfg
+
+
+def _validate_privacy(cfg: Config, raw_train: Any, problems: list[str]) -> None:
+    """DP-SGD's rules; `raw_train` is the train section as written (its max_grad_norm has a default)."""
+    p = cfg.privacy
+    if p.target_epsilon is not None and p.noise_multiplier is not None:
+        problems.append(
+            f"privacy.target_epsilon ({p.target_epsilon}) and privacy.noise_multiplier ({p.noise_multiplier}) are "
+            "both set; give one (the other is derived or reported)."
+        )
+    if isinstance(p.target_epsilon, float) and p.target_epsilon <= 0:
+        problems.append(f"privacy.target_epsilon: must be greater than 0, got {p.target_epsilon!r}; e.g. 8.")
+    if isinstance(p.noise_multiplier, float) and p.noise_multiplier < 0:
+        problems.append(f"privacy.noise_multiplier: must be >= 0, got {p.noise_multiplier!r}; e.g. 1.0.")
+    if isinstance(p.delta, float) and not 0 < p.delta < 1:
+        problems.append(f"privacy.delta: must be in (0, 1), got {p.delta!r}; e.g. 1e-5, below 1 / training rows.")
+    if isinstance(p.max_grad_norm, float) and p.max_grad_norm <= 0:
+        problems.append(f"privacy.max_grad_norm: must be greater than 0, got {p.max_grad_norm!r}; e.g. 1.0.")
+    if p.accountant not in PRIVACY_ACCOUNTANTS:
+        problems.append(f"privacy.accountant: must be one of {', '.join(PRIVACY_ACCOUNTANTS)}; got {p.accountant!r}.")
+    if not p.enabled:
+        return
+    written = raw_train.get("max_grad_norm") if isinstance(raw_train, dict) else None
+    if isinstance(written, int | float) and written > 0:
+        problems.append(
+            f"train.max_grad_norm: {written} clips the summed batch gradient, which DP-SGD replaces by per-sample "
+            "clipping; under DP set privacy.max_grad_norm instead and leave train.max_grad_norm out (or 0)."
+        )
+    if cfg.deepspeed.zero_stage != 0:
+        problems.append(
+            f"deepspeed.zero_stage: {cfg.deepspeed.zero_stage} reduces gradients inside backward, before DP-SGD "
+            "could clip each row's gradient; privacy needs deepspeed.zero_stage=0 (plain data parallel)."
+        )
+    if cfg.deepspeed.precision != "fp32":
+        problems.append(
+            f"deepspeed.precision: {cfg.deepspeed.precision} is not supported with privacy (DP-SGD writes fp32 "
+            "gradients itself); set deepspeed.precision=fp32."
+        )
+    if cfg.deepspeed.gradient_checkpointing:
+        problems.append(
+            "deepspeed.gradient_checkpointing: recomputation runs Opacus's per-sample hooks twice; turn it off "
+            "under privacy (or use peft.method=lora to save memory)."
+        )
+    if cfg.model.task not in PRIVACY_TASKS:
+        problems.append(
+            f"model.task: privacy supports {', '.join(PRIVACY_TASKS)} (a loss averaged over rows); {cfg.model.task}'s "
+            "loss averages over tokens, which couples the rows of a batch. Train it without privacy."
+        )
+    if cfg.distill.teacher:
+        problems.append("distill.teacher: distillation under privacy is not supported; unset privacy or distill.")
 
 
 def report_settings(raw: dict[str, Any] | None, source: str | None = None) -> ReportConfig:
@@ -652,6 +802,49 @@ def report_settings(raw: dict[str, Any] | None, source: str | None = None) -> Re
     if problems:
         raise ConfigError(problems, source)
     return settings
+
+
+def _validate_federate(cfg: Config, problems: list[str], positive: Any, one_of: Any) -> None:
+    f = cfg.federate
+    positive("federate.rounds", f.rounds)
+    positive("federate.num_clients", f.num_clients)
+    positive("federate.clients_per_round", f.clients_per_round, allow_none=True)
+    positive("federate.local_epochs", f.local_epochs)
+    positive("federate.local_steps", f.local_steps, allow_none=True)
+    if isinstance(f.clients_per_round, int) and isinstance(f.num_clients, int) and f.clients_per_round > f.num_clients:
+        problems.append(
+            f"federate.clients_per_round: {f.clients_per_round} is more than federate.num_clients={f.num_clients}; "
+            "sample at most num_clients (or raise num_clients)."
+        )
+    one_of("federate.partition", f.partition, FEDERATE_PARTITIONS)
+    if f.partition == "dirichlet" and isinstance(f.alpha, float) and f.alpha <= 0:
+        problems.append(f"federate.alpha: must be greater than 0, got {f.alpha!r}; e.g. 0.5 (0.1 is very skewed).")
+    if f.partition == "dirichlet" and cfg.model.task in LM_TASKS:
+        problems.append(
+            f"federate.partition: dirichlet skews the label distribution, and {cfg.model.task} has no labels; "
+            "use iid or column."
+        )
+    if f.partition == "column" and not f.column:
+        problems.append("federate.column: partition column needs the column to split by, e.g. federate.column=source.")
+    if f.column and f.partition != "column":
+        problems.append(
+            f"federate.column: {f.column!r} is only read with federate.partition=column (it is {f.partition!r}); "
+            "set the partition or drop the column."
+        )
+    one_of("federate.strategy", f.strategy, FEDERATE_STRATEGIES)
+    if isinstance(f.proximal_mu, float) and f.proximal_mu < 0:
+        problems.append(f"federate.proximal_mu: must be >= 0, got {f.proximal_mu!r}; e.g. 0.01.")
+    if f.strategy == "fedprox" and cfg.model.task in LM_TASKS:
+        problems.append(
+            f"federate.strategy: fedprox adds its term to the model's own loss, which {cfg.model.task} does not "
+            "train on; use fedavg or fedadam."
+        )
+    positive("federate.server_lr", f.server_lr)
+    positive("federate.server_tau", f.server_tau)
+    one_of("federate.dp", f.dp, FEDERATE_DP)
+    if isinstance(f.dp_noise_multiplier, float) and f.dp_noise_multiplier < 0:
+        problems.append(f"federate.dp_noise_multiplier: must be >= 0, got {f.dp_noise_multiplier!r}.")
+    positive("federate.dp_clipping_norm", f.dp_clipping_norm)
 
 
 def _validate_report(report: ReportConfig, problems: list[str]) -> None:

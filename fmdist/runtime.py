@@ -67,13 +67,22 @@ def use_one_ninja() -> None:
         os.environ["PATH"] = os.pathsep.join([bin_dir, *parts])
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_DATE_FORMAT = "%H:%M:%S"
+
+
 def get_logger(name: str, rank: int = 0) -> logging.Logger:
-    """Rank 0 logs at INFO; other ranks only speak when something is wrong (WARNING)."""
-    logger = logging.getLogger(name)
-    if not logger.handlers:
+    """A logger under "fmdist". Rank 0 logs at INFO; other ranks only speak when something is wrong (WARNING).
+
+    Every fmdist logger writes through the one handler of the "fmdist" logger (stderr), which a Ray
+    worker swaps for the console relay (train/console.py), so the launcher's console shows them.
+    """
+    parent = logging.getLogger("fmdist")
+    if not parent.handlers:
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-        logger.addHandler(handler)
-        logger.propagate = False
+        handler.setFormatter(logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT))
+        parent.addHandler(handler)
+        parent.propagate = False
+    logger = logging.getLogger(name)
     logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     return logger

@@ -12,6 +12,12 @@ extra="demo"
 # would pull a multi-GB CUDA build.
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[$extra]"
+if [[ "$extra" == "test" ]]; then
+  # `fmdist federate` (and its tests): Flower without its declared dependencies, which would downgrade what
+  # Ray 2.60 runs with (and `flwr[simulation]` pins Ray 2.55); the `federate` extra installed the ones it
+  # needs. See docs/federated.md.
+  .venv/bin/python -m pip install -q --no-deps "flwr==1.42.0"
+fi
 echo "fmdist is installed in .venv ($(.venv/bin/python -c 'import fmdist; print(fmdist.__version__)'))"
 # Without a GPU, DeepSpeed talks between CPU ranks through its shm comm op, which it JIT-builds at
 # first use (about 30 s on 2 cores): build it now, with the ninja every fmdist process uses

@@ -21,6 +21,7 @@ def run_in_process(
     stop: int | None = None,
     restore: str | None = None,
     record: list[dict[str, list]] | None = None,
+    curves: bool = False,
 ) -> tuple[dict[str, Any], list[tuple[dict[str, Any], str | None]]]:
     """Train one rank per `cfg` (optionally pausing at `stop`, or resuming from `restore`, which may have
     been written by another worker count); returns the summary and every report (metrics, checkpoint
@@ -48,5 +49,6 @@ def run_in_process(
         restore_dir=restore,
         stop_at_step=stop,
         fingerprint_restore=restore is not None,
+        write_curves=curves,
     )
     return fit(cfg, io), reports

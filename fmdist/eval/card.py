@@ -78,6 +78,32 @@ def _compute(meta: dict[str, Any]) -> list[str]:
     return ["## Compute", "", line + ".", ""]
 
 
+def _privacy(meta: dict[str, Any]) -> list[str]:
+    """The DP-SGD guarantee when the run was private (the checkpoint records train/privacy.py's plan)."""
+    record = meta.get("privacy")
+    if not record:
+        return []
+    target = f", target epsilon {record['target_epsilon']:g}" if record.get("target_epsilon") is not None else ""
+    return [
+        "## Differential privacy",
+        "",
+        f"Trained with DP-SGD (fmdist, Opacus {record['accountant'].upper()} accounting): "
+        f"**(epsilon {record['epsilon']:.2f}, delta {record['delta']:.3g})** after {record['steps_taken']} steps{target}.",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| noise multiplier | {record['noise_multiplier']:.4g} |",
+        f"| per-sample clipping norm | {record['max_grad_norm']:g} |",
+        f"| Poisson sample rate (expected batch / rows) | {record['sample_rate']:.5g} ({record['expected_batch_size']} "
+        f"of {record['num_rows']:,}) |",
+        "",
+        "The guarantee covers the training rows (example-level, add/remove one row); it does not cover the "
+        "pre-trained base model's data, the eval split, or any hyperparameter tuning run on the same data "
+        "(each trial spends budget too).",
+        "",
+    ]
+
+
 def _hyperparameters(cfg: dict[str, Any]) -> list[str]:
     lines = ["## Training configuration", "", "| setting | value |", "|---|---|"]
     for section in ("train", "deepspeed"):
@@ -238,7 +264,7 @@ def render(
             f"{', initialised from the teacher' if teacher.get('init_from_teacher') else ''}).",
             "",
         ]
-    lines += [*_provenance(meta), *_compute(meta), *_hyperparameters(cfg)]
+    lines += [*_provenance(meta), *_compute(meta), *_privacy(meta), *_hyperparameters(cfg)]
     if report:
         lines += _report_sections(report)
     else:

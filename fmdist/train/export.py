@@ -100,6 +100,17 @@ def _from_adapter(meta: dict[str, Any], trainable: dict[str, Any], adapter_dir: 
     cfg = from_dict(meta["config"])
     torch.manual_seed(cfg.train.seed)
     base = tasks.get(cfg.model.task).build_model(cfg)
+    if cfg.peft.method == "none":
+        # Frozen weights without peft (DP-SGD's frozen embeddings, train/privacy.py): the rebuilt base holds
+        # them; what trained is loaded over it, every key used.
+        if adapter_dir is not None:
+            raise ValueError(
+                "--adapter: this checkpoint was not trained with peft (peft.method none); export it whole."
+            )
+        _, unexpected = base.load_state_dict(trainable, strict=False)
+        if unexpected:
+            raise RuntimeError(f"checkpoint weights {unexpected[:5]} do not match the rebuilt {type(base).__name__}.")
+        return base
     if adapter_dir is not None:
         adapters.save_adapter(base, cfg, trainable, adapter_dir)
         return None

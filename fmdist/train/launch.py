@@ -19,7 +19,7 @@ import pyarrow.fs as pafs
 import yaml
 
 from fmdist import tasks
-from fmdist.config import Config, ConfigError, freeze_labels, from_dict
+from fmdist.config import Config, ConfigError, freeze_labels, from_dict, run_dir_uri
 from fmdist.data.fs import aws_env, filesystem
 from fmdist.data.inputs import open_splits
 from fmdist.data.sources import PROVENANCE_FILE, Source, provenance, resolve
@@ -34,15 +34,11 @@ from fmdist.runtime import (
     get_logger,
 )
 from fmdist.tasks import DataInfo
-from fmdist.train import checkpoint
+from fmdist.train import checkpoint, console, watch
 
 log = get_logger("fmdist")
 
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints
-
-
-def run_dir_uri(cfg: Config) -> str:
-    return f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
 
 
 def write_run_file(cfg: Config, name: str, text: str) -> str:
@@ -104,19 +100,23 @@ def failure_message(cfg: Config, error: BaseException) -> str:
     )
 
 
-def ensure_ray(cfg: Config, trials_at_once: int = 1) -> float:
+def ensure_ray(cfg: Config, trials_at_once: int = 1, quiet: bool = False) -> float:
     """Join the cluster (RAY_ADDRESS or inside `ray job submit`) or start a local Ray in-process.
 
     A local Ray is sized for `trials_at_once` runs of `scaling.num_workers` (a PBT population needs
-    two). Returns the seconds spent starting Ray.
+    two). `quiet`: the workers' own output is not forwarded here and Ray's INFO lines are not printed
+    (train/console.py relays fmdist's lines instead). Returns the seconds spent starting Ray.
     """
+    import logging
+
     import ray
 
     t0 = time.perf_counter()
     if ray.is_initialized():
         return 0.0
+    verbosity = {"log_to_driver": not quiet, "logging_level": logging.WARNING if quiet else logging.INFO}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(**verbosity)
     else:
         # A local Ray gets one logical CPU per run on top of its workers (the Tune trial's process),
         # and one more: Ray Data's read and split tasks need CPU too (with every CPU held by train
@@ -124,7 +124,7 @@ def ensure_ray(cfg: Config, trials_at_once: int = 1) -> float:
         reserved = trials_at_once * (cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 1)
         num_cpus = max(os.cpu_count() or 1, int(reserved) + 1)
         # The dashboard also serves the state API that Ray Train's placement-group cleaner polls.
-        ray.init(num_cpus=num_cpus, log_to_driver=True, runtime_env={"env_vars": aws_env()})
+        ray.init(num_cpus=num_cpus, runtime_env={"env_vars": aws_env()}, **verbosity)
     return time.perf_counter() - t0
 
 
@@ -211,6 +211,8 @@ def _train_fn_per_worker(loop_config: dict[str, Any]) -> None:
 
     cfg = from_dict(loop_config["config"])
     rank = ray.train.get_context().get_world_rank()
+    # The launcher's console (quiet runs): fmdist's lines and rank 0's progress go there, nothing else.
+    step_done = console.attach(loop_config["console"], rank) if loop_config["console"] is not None else None
     world_size = ray.train.get_context().get_world_size()
     restore = ray.train.get_checkpoint()  # this run's own latest (after a worker failure or relaunch)
     if restore is None:
@@ -281,6 +283,8 @@ def _train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         timings=loop_config["timings"],
         stop_at_step=loop_config["stop_at_step"],
         fingerprint_restore=from_elsewhere,
+        write_curves=True,
+        step_done=step_done,
     )
     try:
         if restore is None:
@@ -312,17 +316,27 @@ def _short_list(names: list[str], limit: int = 8) -> str:
 
 
 def train(
-    cfg: Config, callbacks: list | None = None, restore_from: str | None = None, stop_at_step: int | None = None
+    cfg: Config,
+    callbacks: list | None = None,
+    restore_from: str | None = None,
+    stop_at_step: int | None = None,
+    quiet: bool = False,
+    started_at: float | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) a training run on Ray; returns the summary (metrics, throughput, timings).
 
     `callbacks` are Ray Train callbacks for the run (Tune's report callback when this is a trial).
     `restore_from` is another run's checkpoint (URI) to start from when this run has none of its own;
     `stop_at_step` pauses the run there with a checkpoint, the LR schedule unchanged (a PBT round).
+    `quiet`: this console shows fmdist's own lines and a progress bar, not every worker's output
+    (train/console.py); the CLI's default, `--verbose` turns it off.
+    `started_at`: when the user's command began (time.time(); the CLI passes its process's start), so
+    that time to first step counts the imports and Ray's start; default now.
     """
-    launch_time = time.time()
+    launch_time = started_at if started_at is not None else time.time()
     sources = open_data(cfg)
-    ray_start_s = ensure_ray(cfg)
+    driver_setup_s = time.time() - launch_time  # imports, config, manifests: before Ray starts
+    ray_start_s = ensure_ray(cfg, quiet=quiet)
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -350,13 +364,16 @@ def train(
     record["hardware"] = hardware(cfg, use_gpu)
     write_run_file(cfg, PROVENANCE_FILE, json.dumps(record, indent=2, default=str))
     env_vars = aws_env() | ({} if use_gpu else {"DS_ACCELERATOR": "cpu"})
-    for drill in (FAIL_AT_STEP_ENV, HANG_AT_STEP_ENV, KILL_AT_STEP_ENV, KILL_MID_UPLOAD_ENV, RECORD_ROWS_ENV):
+    # MLflow's address and experiment travel; its credentials, like AWS's, come from each node's own environment.
+    for drill in (FAIL_AT_STEP_ENV, HANG_AT_STEP_ENV, KILL_AT_STEP_ENV, KILL_MID_UPLOAD_ENV, RECORD_ROWS_ENV,
+                  watch.MLFLOW_URI_ENV, watch.MLFLOW_EXPERIMENT_ENV):  # fmt: skip
         if drill in os.environ:
             env_vars[drill] = os.environ[drill]
     storage_fs, storage_path = filesystem(cfg.run.storage_path)
     if isinstance(storage_fs, pafs.LocalFileSystem):
         storage_fs = None  # let Ray Train use the plain local path
         storage_path = cfg.run.storage_path
+    relay = console.open_relay() if quiet else None
     trainer = TorchTrainer(
         _train_fn_per_worker,
         train_loop_config={
@@ -364,9 +381,10 @@ def train(
             "train_uri": sources["train"].uri,
             "eval_uri": sources["eval"].uri if "eval" in sources else None,
             "launch_time": launch_time,
-            "timings": {"ray_start_s": ray_start_s},
+            "timings": {"driver_setup_s": driver_setup_s, "ray_start_s": ray_start_s},
             "restore_from": restore_from,
             "stop_at_step": stop_at_step,
+            "console": relay.queue if relay is not None else None,
         },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=cfg.run.collective_timeout_s),
         scaling_config=ray.train.ScalingConfig(
@@ -390,7 +408,13 @@ def train(
         if result.error:
             raise result.error
     except Exception as exc:  # Ray Train's WorkerGroupError, ControllerError, ...: the run is over
-        raise RuntimeError(failure_message(cfg, exc)) from exc
+        hint = ""
+        if quiet:
+            hint = ("\nThe workers' own output is in Ray's logs (/tmp/ray/session_latest/logs/worker-*.err on each "
+                    "node, or the Ray dashboard); run again with --verbose to see it on this console.")  # fmt: skip
+        raise RuntimeError(failure_message(cfg, exc) + hint) from exc
+    finally:
+        console.close_relay(relay)
     summary = dict(result.metrics or {})
     summary["checkpoint"] = (
         f"{run_dir_uri(cfg)}/{result.checkpoint.path.rsplit('/', 1)[-1]}" if result.checkpoint else None

@@ -40,7 +40,7 @@ from fmdist.runtime import (
     use_cpu_accelerator_if_no_gpu,
 )
 from fmdist.tasks import Rows, Task
-from fmdist.train import adapters, checkpoint, distill
+from fmdist.train import adapters, checkpoint, distill, flops, privacy, watch
 from fmdist.train.ds_config import build_ds_config
 
 _EPOCH_OVER = object()
@@ -76,6 +76,14 @@ class LoopIO:
     """Pause here (checkpoint and return) without shortening the LR schedule: a PBT round ends here."""
     fingerprint_restore: bool = False
     """After restoring, report a checksum of the restored weights (proves a PBT exploit loaded the donor's)."""
+    write_curves: bool = False
+    """Rank 0 writes the run directory's tensorboard/ and curves.png, and MLflow metrics when MLFLOW_TRACKING_URI
+    is set (train/watch.py). Launched runs do; in-process callers (tests, benchmarks, federated clients) opt in."""
+    step_done: Callable[[int, int, float], None] | None = None
+    """Rank 0 calls it after every optimizer step with (step, total steps, last logged loss): a progress bar."""
+    prepare_model: Callable[[torch.nn.Module], None] | None = None
+    """Called with the built model (adapters applied) before DeepSpeed wraps it: a federated client
+    loads the global weights into it and adds FedProx's proximal term to its loss (fmdist/federate.py)."""
 
 
 def _init_distributed(timeout_s: int) -> tuple[int, int]:
@@ -355,19 +363,30 @@ def fit(cfg: Config, io: LoopIO) -> dict[str, Any]:
     from transformers import get_scheduler
 
     # ---- set-up: process group, model, processor, optimizer, DeepSpeed engine, restore
-    t_enter = time.perf_counter()
+    # Start-up phases, contiguous, so that they add up to time_to_first_step_s: the launcher's (driver
+    # set-up, Ray start), the worker group (launch to this call, by wall clock), then this rank's own.
     timings = dict(io.timings)
     if io.launch_time is not None:
         timings["worker_group_s"] = time.time() - io.launch_time - sum(io.timings.values())
+    phase_start = [time.perf_counter()]
+
+    def phase(name: str) -> None:
+        now = time.perf_counter()
+        timings[name] = now - phase_start[0]
+        phase_start[0] = now
+
     rank, world_size = _init_distributed(cfg.run.collective_timeout_s)
     log = get_logger("fmdist.train", rank)
+    sinks = watch.open_watch(cfg, rank, io.scratch_dir) if io.write_curves else None  # rank 0's curves
     _check_same_config_on_all_ranks(cfg, rank)
     task = tasks.get(cfg.model.task)
     if task.labelled:
         freeze_labels(cfg, None)  # a launcher has frozen them already; in-process callers may give num_labels only
+    if privacy.enabled(cfg):
+        io = privacy.with_poisson_plan(cfg, io)  # an epoch: rows / global batch Poisson steps
     num_steps = total_steps(cfg, io.iters_per_epoch)
+    phase("process_group_s")
 
-    t0 = time.perf_counter()
     teacher = None
     if distill.enabled(cfg):
         teacher = distill.load_teacher(distill.teacher_dir(cfg, io.scratch_dir), _auto_class(task))
@@ -384,11 +403,22 @@ def fit(cfg: Config, io: LoopIO) -> dict[str, Any]:
         model.gradient_checkpointing_enable()
     if adapters.enabled(cfg):
         model = adapters.apply(model, cfg, total_steps=num_steps)
+    if io.prepare_model is not None:
+        io.prepare_model(model)
+    # DP-SGD: embeddings frozen, Opacus's per-sample hooks attached, sigma settled (train/privacy.py).
+    dp = privacy.setup(model, cfg, io.num_train_rows, num_steps, rank, world_size) if privacy.enabled(cfg) else None
     trainable, total = adapters.parameter_counts(model)
+    mfu_of = mfu_meter(model, world_size, torch.cuda.get_device_name() if torch.cuda.is_available() else None)
     log.info("parameters: %s trainable of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
-    timings["model_load_s"] = time.perf_counter() - t0
+    phase("model_load_s")
 
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr)
+    # Fused on CUDA: one kernel per parameter group (ZeRO hands AdamW flat fp32 partitions) instead of
+    # foreach's chain of elementwise passes over them, as bench/mfu.py's bare loops step. Not with
+    # optimizer offload (those partitions live on the CPU) and not on CPU: torch's default there.
+    fused = torch.cuda.is_available() and cfg.deepspeed.offload_optimizer == "none"
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr, fused=True if fused else None
+    )
     scheduler = get_scheduler(
         {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.train.lr_schedule],
         optimizer,
@@ -398,11 +428,10 @@ def fit(cfg: Config, io: LoopIO) -> dict[str, Any]:
     ds_config = build_ds_config(cfg, world_size, torch.cuda.is_available())
     if io.restore_dir is not None and checkpoint.needs_universal(io.restore_dir, world_size):
         ds_config["checkpoint"] = {"load_universal": True}  # another worker count: checkpoint.load re-cuts ZeRO
-    t0 = time.perf_counter()
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
     )
-    timings["deepspeed_init_s"] = time.perf_counter() - t0
+    phase("deepspeed_init_s")  # the optimizer, the LR schedule and the engine
     # from_pretrained returns a model in eval mode and DeepSpeed keeps it so: without this, dropout
     # stays off until the first evaluation switches the mode back.
     engine.train()
@@ -416,7 +445,8 @@ def fit(cfg: Config, io: LoopIO) -> dict[str, Any]:
         client_state, data_state = checkpoint.load(engine, io.restore_dir)
         progress = Progress(client_state["step"], client_state["epoch"], client_state["iters_in_epoch"])
         if io.restore_data_state is not None:
-            io.restore_data_state(data_state)
+            # Under DP the epoch's whole share is re-read: Poisson steps are independent, none is replayed.
+            io.restore_data_state(None if dp is not None else data_state)
         apply_hyperparameters(engine, scheduler, cfg, log)
         log.info("resumed from %s at step %d (epoch %d, iter %d)", io.restore_dir, progress.step,
                  progress.epoch + 1, progress.iters_in_epoch)  # fmt: skip
@@ -434,6 +464,11 @@ def fit(cfg: Config, io: LoopIO) -> dict[str, Any]:
         cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps, world_size, cfg.deepspeed.zero_stage,
         cfg.deepspeed.precision, io.num_train_rows,
     )  # fmt: skip
+    if dp is not None:
+        log.info("DP-SGD: noise multiplier %.4g, per-sample clipping norm %g, Poisson sample rate %.5g, %d steps, "
+                 "delta %.3g: epsilon %.4g at the end (%s accountant)", dp.plan.noise_multiplier,
+                 dp.plan.max_grad_norm, dp.plan.sample_rate, num_steps, dp.plan.delta,
+                 privacy.spent_epsilon(dp.plan, num_steps), dp.plan.accountant)  # fmt: skip
     if progress.step >= end_step:
         log.info("checkpoint is already at step %d of %d; nothing to train", progress.step, end_step)
     elif end_step < num_steps:
@@ -454,17 +489,22 @@ def fit(cfg: Config, io: LoopIO) -> dict[str, Any]:
                     "world_size": world_size,
                     "config": cfg.to_dict(),
                     "eval": progress.eval_metrics,
+                    "privacy": privacy.record(dp.plan, progress.step) if dp is not None else None,
                 },  # fmt: skip
                 processor,
                 io.data_state() if io.data_state is not None else None,
             )
-        io.report({"step": progress.step, "epoch": progress.epoch, **restored, **event}, path)
+            watch.sync(sinks)  # a remote run directory gets the curves so far with each checkpoint
+        spent = privacy.metrics(dp.plan, progress.step) if dp is not None else {}
+        watch.record(sinks, progress.step, spent)  # privacy/epsilon as a curve too
+        io.report({"step": progress.step, "epoch": progress.epoch, **restored, **spent, **event}, path)
 
     def evaluate_and_report(save: bool, train_loss: float, extra: dict[str, Any] | None = None) -> None:
         scalars: dict[str, Any] = {"train/loss": train_loss, **(extra or {})}
         if io.eval_batches is not None:
             progress.eval_metrics = evaluate(engine, cfg, task, processor, io.eval_batches())
             scalars.update(flat_scalars(progress.eval_metrics, "eval"), eval=progress.eval_metrics)
+            watch.record(sinks, progress.step, flat_scalars(progress.eval_metrics, "eval"))
             log.info("eval at step %d: %s", progress.step, describe(progress.eval_metrics))
         checkpoint_and_report(scalars, save)
 
@@ -490,6 +530,7 @@ def fit(cfg: Config, io: LoopIO) -> dict[str, Any]:
     stat_names = [k.removeprefix("stats/") for k in task.collate(placeholder, processor, cfg) if k.startswith("stats/")]
     window = Window(torch.zeros(4 + len(stat_names), dtype=torch.float64, device=device), stat_names)
     stats_total: dict[str, float] = {}
+    phase("restore_s")  # a resume's checkpoint load; otherwise next to nothing
     train_start = time.perf_counter()
     start_step = progress.step
     last_train_loss = first_train_loss = float("nan")
@@ -505,7 +546,13 @@ def fit(cfg: Config, io: LoopIO) -> dict[str, Any]:
     try:
         # With `epochs`, stop after the last epoch; with `max_steps`, run as many epochs as it takes.
         while progress.step < end_step and (cfg.train.max_steps is not None or progress.epoch < cfg.train.epochs):
-            epoch_iters = _joined(iter(io.train_batches(progress.epoch)), device)
+            batches = io.train_batches(progress.epoch)
+            if dp is not None:  # Poisson-sampled steps from this rank's share of the epoch's rows
+                steps = steps_per_epoch(io.iters_per_epoch(progress.epoch), accum)
+                batches = privacy.poisson_batches(
+                    dp, batches, progress.epoch, progress.iters_in_epoch // accum, steps, accum
+                )
+            epoch_iters = _joined(iter(batches), device)
             while progress.step < end_step:
                 rows = next(epoch_iters, _EPOCH_OVER)
                 if rows is _EPOCH_OVER:
@@ -527,8 +574,13 @@ def fit(cfg: Config, io: LoopIO) -> dict[str, Any]:
                 else:
                     loss = training_loss(engine, batch)
                     _add_to_window(window, loss, batch, collated)
-                engine.backward(loss)
+                if dp is None:
+                    engine.backward(loss)
+                elif rows is not None:
+                    privacy.backward(dp, engine, loss)  # per-sample clipping on this rank; no collective
                 if (progress.iters_in_epoch + 1) % accum == 0:
+                    if dp is not None:
+                        privacy.finish_step(dp, engine, progress.step)  # noise share, then the one all-reduce
                     # AdaLoRA's rank allocation reads this step's gradients, which engine.step() clears.
                     adapters.after_step(engine.module, progress.step + 1)
                 engine.step()  # DeepSpeed applies the optimizer only at accumulation boundaries
@@ -553,13 +605,17 @@ def fit(cfg: Config, io: LoopIO) -> dict[str, Any]:
                     store.set(f"{STEP_KEY}/{rank}", str(progress.step + 1))  # the step this rank enters next
                 if progress.step == start_step + 1:
                     first_step_end = time.perf_counter()
-                    timings["first_step_s"] = first_step_end - train_start
-                    timings["time_to_first_step_s"] = first_step_end - t_enter + timings.get("worker_group_s", 0.0)
+                    phase("first_step_s")
+                    timings["time_to_first_step_s"] = sum(timings.values())
                 if progress.step % cfg.train.log_every_steps == 0 or progress.step == end_step:
-                    last_train_loss = _log_window(window, log, progress, num_steps, end_step, engine, start_step,
-                                                  train_start, stats_total)  # fmt: skip
+                    logged = _log_window(window, log, progress, num_steps, end_step, engine, start_step,
+                                         train_start, stats_total, mfu_of)  # fmt: skip
+                    watch.record(sinks, progress.step, logged)
+                    last_train_loss = logged["train/loss"]
                     if math.isnan(first_train_loss):
                         first_train_loss = last_train_loss
+                if io.step_done is not None and rank == 0:
+                    io.step_done(progress.step, num_steps, last_train_loss)
                 do_eval = cfg.train.eval_every_steps is not None and progress.step % cfg.train.eval_every_steps == 0
                 do_ckpt = checkpoint_every is not None and progress.step % checkpoint_every == 0
                 if progress.step < end_step and do_eval:
@@ -594,7 +650,12 @@ def fit(cfg: Config, io: LoopIO) -> dict[str, Any]:
         "train/steady_samples_per_s": steady,
         "timings": timings,
         **{f"train/{name}": value for name, value in stats_total.items()},
+        **(privacy.metrics(dp.plan, progress.step) if dp is not None else {}),
     }
+    if dp is not None:
+        log.info("privacy spent: epsilon %.4g at delta %.3g after %d steps (noise multiplier %.4g, sample rate %.5g)",
+                 summary["privacy/epsilon"], dp.plan.delta, progress.step, dp.plan.noise_multiplier,
+                 dp.plan.sample_rate)  # fmt: skip
     log.info("finished %d steps in %s (%.1f samples/s)", progress.step, _fmt_duration(train_time),
              summary["train/samples_per_s"])  # fmt: skip
     if stats_total.get("words_cut"):
@@ -604,7 +665,29 @@ def fit(cfg: Config, io: LoopIO) -> dict[str, Any]:
         )  # fmt: skip
     # The final report carries the whole summary, so the driver has it wherever rank 0 ran.
     evaluate_and_report(True, last_train_loss, summary)
+    watch.close(sinks)  # curves.png, and the event files' last copy
     return {"step": progress.step, "train/loss": last_train_loss, "eval": progress.eval_metrics, **summary}
+
+
+def mfu_meter(
+    model: torch.nn.Module, world_size: int, device_name: str | None
+) -> Callable[[float, float], float | None] | None:
+    """(tokens/s over all ranks, tokens per row) -> model FLOPs utilization, on GPUs of known peak (train/flops.py).
+
+    One GPU per rank. The sequence length in the attention term is the window's mean tokens per row: the
+    packed block for packed language modelling, the unpadded length otherwise (padding is not model FLOPs).
+    None without a GPU, or for a GPU whose peak is not in the table (MFU is then not logged).
+    """
+    peak = flops.peak_flops(device_name) if device_name else None
+    if peak is None:
+        return None
+    n_params = flops.count_parameters(model)  # before DeepSpeed partitions anything
+
+    def mfu(tokens_per_s: float, tokens_per_row: float) -> float | None:
+        per_token = flops.flops_per_token(model, max(1, round(tokens_per_row)), n_params=n_params)
+        return flops.model_flops_utilization(per_token, tokens_per_s, peak * world_size)
+
+    return mfu
 
 
 def _auto_class(task: Task) -> Any:
@@ -634,8 +717,9 @@ def _log_window(
     start_step: int,
     train_start: float,
     stats_total: dict[str, float],
-) -> float:
-    """One log line (rank 0) from the window, summed over ranks; returns the window's mean loss.
+    mfu_of: Callable[[float, float], float | None] | None = None,
+) -> dict[str, float]:
+    """One log line (rank 0) from the window, summed over ranks; returns its scalars (train/loss, ...).
 
     Collective (all-reduce) and a host sync: the only ones per log line.
     """
@@ -647,11 +731,19 @@ def _log_window(
     train_loss = loss_sum / max(n_iters, 1)
     rate = (progress.step - start_step) / (time.perf_counter() - train_start)
     tokens = f" | {n_tokens / elapsed:.0f} tokens/s" if n_tokens else ""
+    scalars = {"train/loss": train_loss, "train/lr": engine.get_lr()[0], "train/samples_per_s": n_rows / elapsed}
+    if n_tokens:
+        scalars["train/tokens_per_s"] = n_tokens / elapsed
+        mfu = mfu_of(n_tokens / elapsed, n_tokens / max(n_rows, 1)) if mfu_of is not None else None
+        if mfu is not None:
+            scalars["train/mfu"] = mfu
+            tokens += f" | MFU {100 * mfu:.1f}%"
     log.info(
         "step %d/%d (%.1f%%) | epoch %d | loss %.4f | lr %.2e | %.1f samples/s%s | ETA %s",
         progress.step, num_steps, 100 * progress.step / num_steps, progress.epoch + 1, train_loss,
-        engine.get_lr()[0], n_rows / elapsed, tokens, _fmt_duration((end_step - progress.step) / rate),
+        scalars["train/lr"], scalars["train/samples_per_s"], tokens,
+        _fmt_duration((end_step - progress.step) / rate),
     )  # fmt: skip
     window.sums.zero_()
     window.started = time.perf_counter()
-    return train_loss
+    return scalars

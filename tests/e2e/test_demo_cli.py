@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from fmdist.train.watch import TENSORBOARD_DIR, read_events
+
 REPO = Path(__file__).resolve().parents[2]
 FMDIST = [sys.executable, "-m", "fmdist.cli"]
 
@@ -29,6 +31,21 @@ def test_demo_trains_exports_and_evaluates(tmp_path):
         "train", str(config), "train.max_steps=60", "run.name=e2e", f"run.storage_path={tmp_path}", cwd=tmp_path
     )
     assert "=== fmdist run summary ===" in train.stdout
+    # The console: fmdist's own lines, one per log step (25) from rank 0, then the summary; none of the
+    # workers' third-party output (Hugging Face load reports, DeepSpeed op builds, Ray Train's chatter).
+    console = train.stdout + train.stderr
+    for noise in ("LOAD REPORT", "Loading weights", "FutureWarning", "deepspeed_shm_comm_op", "RayTrainWorker",
+                  "TrainController", "Started a local Ray instance"):  # fmt: skip
+        assert noise not in console, noise
+    steps = [int(line.split(" step ")[1].split("/")[0]) for line in console.splitlines() if " | loss " in line]
+    assert steps == [25, 50, 60]
+    assert len(console.splitlines()) <= 40, console
+    timings = json.loads((tmp_path / "e2e" / "metrics.json").read_text())["timings"]
+    phases = {k: v for k, v in timings.items() if k != "time_to_first_step_s"}
+    assert {"driver_setup_s", "ray_start_s", "worker_group_s", "model_load_s", "first_step_s"} <= set(phases)
+    assert timings["time_to_first_step_s"] == pytest.approx(sum(phases.values()))
+    series = read_events(str(tmp_path / "e2e" / TENSORBOARD_DIR))
+    assert [step for step, _ in series["train/loss"]] == [25, 50, 60]
     metrics = json.loads((tmp_path / "e2e" / "metrics.json").read_text())
     assert metrics["step"] == 60
     # 1,920 sentences of the real pretrained encoder: well above chance (51%) on GLUE dev.

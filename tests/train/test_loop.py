@@ -57,6 +57,10 @@ def test_fit_runs_in_process_and_learns(tmp_path):
     # 13 iters with accumulation 2 -> 7 steps per epoch (the 14th iter is a zero-weight placeholder).
     assert summary["step"] == 21
     assert seen_epochs == [0, 1, 2]
+    # The start-up phases are contiguous and add up to the time to first step.
+    phases = {k: v for k, v in summary["timings"].items() if k != "time_to_first_step_s"}
+    assert set(phases) == {"process_group_s", "model_load_s", "deepspeed_init_s", "restore_s", "first_step_s"}
+    assert summary["timings"]["time_to_first_step_s"] == pytest.approx(sum(phases.values()))
     assert summary["train/loss"] < summary["train/first_loss"]
     assert summary["eval"]["num_examples"] == 40
     # An evaluation after epochs 1 and 2 and a final one; each with a checkpoint.
