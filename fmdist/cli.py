@@ -32,7 +32,9 @@ def _print_summary(summary: dict[str, Any], task_name: str) -> None:
         print(
             f"truncated words    {summary['train/words_cut']:.0f} of {summary['train/words']:.0f} (raise data.max_length)"
         )
-    print(f"curves             {summary['run_dir']}/curves.png  (live: tensorboard --logdir {_parent(summary['run_dir'])})")
+    print(
+        f"curves             {summary['run_dir']}/curves.png  (live: tensorboard --logdir {_parent(summary['run_dir'])})"
+    )
     if summary.get("eval"):
         print("\n" + tasks.get(task_name).format_report(summary["eval"]))
     print(f"\nnext: fmdist export {summary['run_dir']} ./exported-model")
@@ -314,7 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. train.lr=1e-4")
     p.add_argument(
-        "--verbose", action="store_true", help="show every worker's output (Hugging Face, DeepSpeed, Ray), not only fmdist's"
+        "--verbose",
+        action="store_true",
+        help="show every worker's output (Hugging Face, DeepSpeed, Ray), not only fmdist's",
     )
     p.set_defaults(func=cmd_train)
 
