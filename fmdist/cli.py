@@ -10,10 +10,10 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from fmdist.config import ConfigError
+from fmdist.config import Config, ConfigError
 
 
-def _print_summary(summary: dict[str, Any], task_name: str) -> None:
+def _print_summary(summary: dict[str, Any], cfg: Config) -> None:
     from fmdist import tasks
 
     timings = summary.get("timings", {})
@@ -32,16 +32,10 @@ def _print_summary(summary: dict[str, Any], task_name: str) -> None:
         print(
             f"truncated words    {summary['train/words_cut']:.0f} of {summary['train/words']:.0f} (raise data.max_length)"
         )
-    print(
-        f"curves             {summary['run_dir']}/curves.png  (live: tensorboard --logdir {_parent(summary['run_dir'])})"
-    )
+    print(f"curves             {summary['run_dir']}/curves.png  (live: tensorboard --logdir {cfg.run.storage_path})")
     if summary.get("eval"):
-        print("\n" + tasks.get(task_name).format_report(summary["eval"]))
+        print("\n" + tasks.get(cfg.model.task).format_report(summary["eval"]))
     print(f"\nnext: fmdist export {summary['run_dir']} ./exported-model")
-
-
-def _parent(uri: str) -> str:
-    return uri.rstrip("/").rsplit("/", 1)[0] if "/" in uri.rstrip("/") else "."
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -55,7 +49,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     # Time to first step counts from this process's start: the imports and Ray's start are waited for too.
     summary = train(cfg, quiet=not args.verbose, started_at=psutil.Process().create_time())
-    _print_summary(summary, cfg.model.task)
+    _print_summary(summary, cfg)
     if cfg.report.enabled:
         from fmdist.eval.report import after_training
 

@@ -41,6 +41,7 @@ from fmdist.config import Config, ConfigError, from_dict
 from fmdist.data.fs import aws_env, filesystem
 from fmdist.data.sources import PROVENANCE_FILE, Source, iter_tables, provenance, resolve
 from fmdist.data.stream import EpochStreams, eval_batches
+from fmdist.predict import metrics_over
 from fmdist.runtime import get_logger
 
 log = get_logger("fmdist.federate")
@@ -369,23 +370,6 @@ def global_model(cfg: Config) -> torch.nn.Module:
     return model
 
 
-@torch.no_grad()
-def evaluate_global(model: torch.nn.Module, cfg: Config, processor: Any, source: Source) -> dict[str, Any]:
-    """The task's metrics for `model` over the eval split, in this process (the loop's `evaluate` without
-    ranks: the same collate, count and finalize)."""
-    from fmdist.train.loop import model_inputs
-
-    task = tasks.get(cfg.model.task)
-    device = next(model.parameters()).device
-    counts = torch.zeros(task.counts_size(cfg), dtype=torch.float64, device=device)
-    model.eval()
-    for rows in eval_batches(source, 0, 1, cfg.train.micro_batch_size):
-        collated = task.collate(rows, processor, cfg)
-        batch = model_inputs(collated, device)
-        task.count(counts, model(**batch), {**collated, **batch}, cfg)
-    return task.finalize(counts.tolist(), cfg)
-
-
 def _ensure_ray(cfg: Config) -> None:
     """Join the cluster (RAY_ADDRESS) or start a local Ray sized for the clients that train at once."""
     import ray
@@ -518,7 +502,8 @@ def federate(cfg: Config) -> dict[str, Any]:
                 f"round {server_round}: no sampled client returned weights (their errors are in the log above)."
             )
         load_trainable(model, arrays.to_torch_state_dict())
-        metrics = evaluate_global(model, cfg, processor, sources["eval"])
+        batches = eval_batches(sources["eval"], 0, 1, cfg.train.micro_batch_size)
+        metrics = metrics_over(model, tasks.get(cfg.model.task), processor, cfg, batches)
         clients = sorted(replies, key=lambda c: c["client"])
         replies.clear()
         rounds.append({"round": server_round, "eval": _scalars(metrics), "clients": clients})

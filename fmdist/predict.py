@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from fmdist import tasks
 from fmdist.config import Config, ModelConfig, default_packing
 from fmdist.data.inputs import open_split
 from fmdist.data.sources import iter_tables
-from fmdist.tasks import DataInfo, Task
+from fmdist.tasks import DataInfo, Rows, Task
 from fmdist.train.export import TRAINING_FILE
 
 ARCHITECTURE_SUFFIXES = {
@@ -85,9 +86,22 @@ def evaluate(
             .replace("data.label_column", "--label-column")
         )
     task.check_labels(cfg, source, "--data")
-    counts = torch.zeros(task.counts_size(cfg), dtype=torch.float64)
-    for table in iter_tables(source, batch_rows=batch_size):
-        batch = task.collate(table.to_pydict(), processor, cfg)
-        inputs = {k: v for k, v in batch.items() if not k.startswith("stats/")}
-        task.count(counts, model(**inputs), batch, cfg)
+    return metrics_over(
+        model, task, processor, cfg, (t.to_pydict() for t in iter_tables(source, batch_rows=batch_size))
+    )
+
+
+@torch.no_grad()
+def metrics_over(
+    model: torch.nn.Module, task: Task, processor: Any, cfg: Config, batches: Iterable[Rows]
+) -> dict[str, Any]:
+    """The task's metrics for `model` over batches of rows, in this process: the training loop's evaluation
+    without ranks (the same collate, count and finalize), on the model's device."""
+    device = next(model.parameters()).device
+    counts = torch.zeros(task.counts_size(cfg), dtype=torch.float64, device=device)
+    model.eval()
+    for rows in batches:
+        batch = task.collate(rows, processor, cfg)
+        inputs = {k: v.to(device) for k, v in batch.items() if not k.startswith("stats/")}
+        task.count(counts, model(**inputs), {**batch, **inputs}, cfg)
     return task.finalize(counts.tolist(), cfg)

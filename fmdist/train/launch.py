@@ -364,11 +364,12 @@ def train(
     record["hardware"] = hardware(cfg, use_gpu)
     write_run_file(cfg, PROVENANCE_FILE, json.dumps(record, indent=2, default=str))
     env_vars = aws_env() | ({} if use_gpu else {"DS_ACCELERATOR": "cpu"})
-    # MLflow's address and experiment travel; its credentials, like AWS's, come from each node's own environment.
-    for drill in (FAIL_AT_STEP_ENV, HANG_AT_STEP_ENV, KILL_AT_STEP_ENV, KILL_MID_UPLOAD_ENV, RECORD_ROWS_ENV,
-                  watch.MLFLOW_URI_ENV, watch.MLFLOW_EXPERIMENT_ENV):  # fmt: skip
-        if drill in os.environ:
-            env_vars[drill] = os.environ[drill]
+    # The drills, and MLflow's address and experiment; MLflow's credentials, like AWS's, come from each
+    # node's own environment.
+    for name in (FAIL_AT_STEP_ENV, HANG_AT_STEP_ENV, KILL_AT_STEP_ENV, KILL_MID_UPLOAD_ENV, RECORD_ROWS_ENV,
+                 watch.MLFLOW_URI_ENV, watch.MLFLOW_EXPERIMENT_ENV):  # fmt: skip
+        if name in os.environ:
+            env_vars[name] = os.environ[name]
     storage_fs, storage_path = filesystem(cfg.run.storage_path)
     if isinstance(storage_fs, pafs.LocalFileSystem):
         storage_fs = None  # let Ray Train use the plain local path

@@ -503,8 +503,9 @@ def fit(cfg: Config, io: LoopIO) -> dict[str, Any]:
         scalars: dict[str, Any] = {"train/loss": train_loss, **(extra or {})}
         if io.eval_batches is not None:
             progress.eval_metrics = evaluate(engine, cfg, task, processor, io.eval_batches())
-            scalars.update(flat_scalars(progress.eval_metrics, "eval"), eval=progress.eval_metrics)
-            watch.record(sinks, progress.step, flat_scalars(progress.eval_metrics, "eval"))
+            eval_scalars = flat_scalars(progress.eval_metrics, "eval")
+            scalars.update(eval_scalars, eval=progress.eval_metrics)
+            watch.record(sinks, progress.step, eval_scalars)
             log.info("eval at step %d: %s", progress.step, describe(progress.eval_metrics))
         checkpoint_and_report(scalars, save)
 
